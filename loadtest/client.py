@@ -1,0 +1,104 @@
+"""Streaming OpenAI chat-completions client on aiohttp."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import aiohttp
+
+from loadtest.records import RequestRecord
+from loadtest.sse import RawLine, record_from_sse
+from loadtest.workload import ChatRequest
+
+
+def chat_payload(
+    model: str, req: ChatRequest, *, ignore_eos: bool, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The request body; shared with the Locust user so both send the same thing."""
+    payload: dict[str, Any] = {
+        "model": model,
+        "messages": req.messages,
+        "max_tokens": req.max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if ignore_eos:
+        payload["ignore_eos"] = True  # vLLM extension: decode exactly max_tokens tokens
+    if extra:
+        payload.update(extra)
+    return payload
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+class ChatClient:
+    """Sends streaming chat completions and turns each response into a ``RequestRecord``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        ignore_eos: bool = False,
+        timeout_s: float = 600.0,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.ignore_eos = ignore_eos
+        self.extra_body = extra_body
+        self.headers = auth_headers(api_key)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ChatClient:
+        # No connection cap: the runner decides concurrency, the pool must never queue.
+        connector = aiohttp.TCPConnector(limit=0, force_close=False)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def send(self, req: ChatRequest) -> RequestRecord:
+        assert self._session is not None, "use 'async with ChatClient(...)'"
+        body = json.dumps(
+            chat_payload(self.model, req, ignore_eos=self.ignore_eos, extra=self.extra_body)
+        ).encode()
+        lines: list[RawLine] = []
+        append = lines.append
+        clock = time.perf_counter
+        start = clock()
+        try:
+            async with self._session.post(self.url, data=body, headers=self.headers) as resp:
+                if resp.status != 200:
+                    text = (await resp.text())[:200]
+                    return RequestRecord(req.index, start, error=f"HTTP {resp.status}: {text}")
+                # Hot loop: a clock read and an append per line, nothing else.
+                async for line in resp.content:
+                    append((clock(), line))
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return RequestRecord(req.index, start, error=f"{type(exc).__name__}: {exc}")
+        return record_from_sse(req.index, start, clock(), lines)
+
+
+async def list_models(base_url: str, api_key: str | None = None) -> list[str]:
+    """Model ids served at ``base_url`` (``GET /models``)."""
+    url = base_url.rstrip("/") + "/models"
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(url, headers=auth_headers(api_key)) as resp,
+    ):
+        resp.raise_for_status()
+        data = await resp.json()
+    return [m["id"] for m in data.get("data", [])]

@@ -1,0 +1,267 @@
+"""The request guard: one pure-ASGI middleware around every request.
+
+For every request it stamps the arrival time (the clock TTFT is measured from), assigns the
+request id (an incoming ``X-Request-Id`` is honoured, returned in a header and used as the engine
+request id) and writes one structured access-log line.
+
+For the generation routes it also
+- reads the body itself, refusing one over the size limit with 413 before it is buffered;
+- watches the connection while the request runs, and cancels the request's task the moment the
+  client leaves (before the first token, mid-stream or while a non-streaming answer is built):
+  the ``finally`` blocks below abort the engine request and release its slot;
+- cancels the request once it outlives ``max_request_duration``, so a slow or stalled client
+  cannot hold engine capacity;
+- records the request's metrics once it has ended, however it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+from serve.api.errors import APIError
+from serve.streaming import DONE_FRAME, Receive, Scope, Send
+from serve.telemetry import Metrics, RequestRecord
+
+access_log = logging.getLogger("serve.access")
+
+GENERATION_PATHS = frozenset(
+    {"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions"}
+)
+QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# After the deadline, how long we try to tell a client that is still reading.
+_FAREWELL_TIMEOUT_S = 1.0
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+class _Guard:
+    """Per-request state of the middleware: lives on this request's stack only."""
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.reason: str | None = None  # "disconnect" or "deadline" once we cancelled the task
+        self.started = False
+        self.status = 0
+        self.done = False
+        self.client_gone = asyncio.Event()
+
+    def cancel(self, reason: str) -> None:
+        if self.reason is None and not self.done:
+            self.reason = reason
+            self.task.cancel()
+
+
+class RequestContextMiddleware:
+    def __init__(
+        self, app: Any, *, metrics: Metrics, max_body_bytes: int, max_request_duration: float
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.max_request_duration = max_request_duration
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        arrival = time.perf_counter()
+        incoming = _header(scope, b"x-request-id")
+        if incoming is not None and _REQUEST_ID_OK.match(incoming.decode("latin-1")):
+            request_id = incoming.decode("latin-1")
+        else:
+            request_id = uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        task = asyncio.current_task()
+        assert task is not None
+        guard = _Guard(task)
+        id_header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                guard.started = True
+                guard.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                guard.done = True
+            await send(message)
+
+        path = scope["path"]
+        if path not in GENERATION_PATHS or scope["method"] != "POST":
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                self._log(scope, request_id, guard, arrival, None)
+            return
+
+        record = RequestRecord(endpoint=_endpoint(path), model="", arrival=arrival)
+        state["record"] = record
+        watcher: asyncio.Task[None] | None = None
+        deadline = asyncio.get_running_loop().call_later(
+            self.max_request_duration, guard.cancel, "deadline"
+        )
+        try:
+            body = await self._read_body(scope, receive, send_with_id, guard)
+            if body is None:
+                return
+            watcher = asyncio.create_task(self._watch(receive, guard))
+            await self.app(scope, _replay(body, guard), send_with_id)
+        except asyncio.CancelledError:
+            if guard.reason is None:
+                raise  # cancelled from outside (server shutdown): not ours to swallow
+            task.uncancel()
+            if guard.reason == "deadline":
+                await self._farewell(send_with_id, guard)
+        finally:
+            deadline.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            self._finish(record, guard, state)
+            self._log(scope, request_id, guard, arrival, record)
+
+    async def _read_body(
+        self, scope: Scope, receive: Receive, send: Send, guard: _Guard
+    ) -> bytes | None:
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._reject_too_large(send)
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                guard.reason = "disconnect"
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._reject_too_large(send)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def _reject_too_large(self, send: Send) -> None:
+        self.metrics.rejected.labels("too_large").inc()
+        error = APIError(
+            413,
+            f"The request body exceeds {self.max_body_bytes} bytes.",
+            code="request_too_large",
+        )
+        await _send_json(send, error.status, error.body())
+
+    @staticmethod
+    async def _watch(receive: Receive, guard: _Guard) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                guard.client_gone.set()
+                guard.cancel("disconnect")
+                return
+
+    @staticmethod
+    async def _farewell(send: Send, guard: _Guard) -> None:
+        """The request outlived its deadline: tell the client, if it still reads, and end."""
+        error = APIError(
+            503,
+            "The request exceeded the server's maximum duration.",
+            type="service_unavailable_error",
+            code="request_timeout",
+        )
+        try:
+            async with asyncio.timeout(_FAREWELL_TIMEOUT_S):
+                if not guard.started:
+                    await _send_json(send, error.status, error.body())
+                elif not guard.done:
+                    frame = b"data: " + orjson.dumps(error.body()) + b"\n\n" + DONE_FRAME
+                    await send({"type": "http.response.body", "body": frame, "more_body": False})
+        except (TimeoutError, OSError):
+            pass
+
+    def _finish(self, record: RequestRecord, guard: _Guard, state: dict[str, Any]) -> None:
+        left = guard.reason == "disconnect" or state.get("client_gone", False)
+        if left:
+            record.status = 499  # the client closed the request (nginx's convention)
+            record.finish_reason = "abort"
+            self.metrics.disconnects.labels(record.endpoint).inc()
+        else:
+            record.status = guard.status or 500
+            if guard.reason == "deadline":
+                record.finish_reason = "abort"
+                record.status = 503
+        record.finish(self.metrics)
+
+    @staticmethod
+    def _log(
+        scope: Scope, request_id: str, guard: _Guard, arrival: float, record: RequestRecord | None
+    ) -> None:
+        path = scope["path"]
+        level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+        if not access_log.isEnabledFor(level):
+            return
+        entry: dict[str, Any] = {
+            "request_id": request_id,
+            "method": scope["method"],
+            "path": path,
+            "status": record.status if record is not None else guard.status,
+            "duration_ms": round((time.perf_counter() - arrival) * 1000, 2),
+        }
+        client = scope.get("client")
+        if client:
+            entry["client"] = f"{client[0]}:{client[1]}"
+        if record is not None:
+            if record.model:
+                entry["model"] = record.model
+            if record.first_token is not None:
+                entry["ttft_ms"] = round((record.first_token - arrival) * 1000, 2)
+            entry["prompt_tokens"] = record.prompt_tokens
+            entry["output_tokens"] = record.output_tokens
+            entry["finish_reason"] = record.finish_reason
+            if record.prompt_text is not None:
+                entry["prompt"] = record.prompt_text
+        access_log.log(level, orjson.dumps(entry).decode())
+
+
+def _endpoint(path: str) -> str:
+    return "chat" if path.endswith("chat/completions") else "completions"
+
+
+def _replay(body: bytes, guard: _Guard) -> Receive:
+    """The app's view of ``receive``: the body we already read, then the disconnect."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await guard.client_gone.wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": orjson.dumps(body), "more_body": False})
+

@@ -1,0 +1,60 @@
+"""Models, health, readiness and metrics routes. Health, readiness and metrics stay open."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from serve.api.auth import Authenticated
+from serve.api.errors import error_body
+from serve.telemetry import render_latest
+
+router = APIRouter()
+_CREATED = int(time.time())
+
+
+@router.get("/v1/models")
+@router.get("/models")
+async def list_models(request: Request, _: Authenticated) -> JSONResponse:
+    names = request.app.state.settings.served_model_names
+    data = [
+        {"id": name, "object": "model", "created": _CREATED, "owned_by": "avatar-llm-serve"}
+        for name in names
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """Liveness: the engine is alive. Fails once it has died, so the orchestrator restarts us."""
+    if not request.app.state.engine.is_alive:
+        return JSONResponse(
+            error_body("The engine is not running.", "service_unavailable_error", None, "engine_dead"),
+            status_code=503,
+        )
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    """Readiness: the model is loaded and requests are being taken (not draining, not dead)."""
+    state = request.app.state
+    if not state.engine.is_alive:
+        return JSONResponse(
+            error_body("The engine is not running.", "service_unavailable_error", None, "engine_dead"),
+            status_code=503,
+        )
+    if state.admission.draining:
+        return JSONResponse(
+            error_body("The server is draining.", "service_unavailable_error", None, "draining"),
+            status_code=503,
+        )
+    return JSONResponse({"status": "ready", "models": state.settings.served_model_names})
+
+
+@router.get("/metrics")
+async def metrics() -> Response:
+    body, content_type = render_latest()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,105 @@
+"""``create_app(settings, engine)``: the FastAPI application around one shared engine.
+
+The engine is built (and the model loaded) before the app serves, so a listening port means a
+servable model. The lifespan watches the engine: if it dies, ``on_engine_dead`` is called once
+(the CLI exits the process non-zero after a grace period so the orchestrator restarts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+
+from serve import __version__
+from serve.admission import Admission
+from serve.api import generation, ops
+from serve.api.auth import BearerAuth
+from serve.api.errors import install_error_handlers
+from serve.api.middleware import RequestContextMiddleware
+from serve.engine.base import Engine
+from serve.service import GenerationService
+from serve.settings import Settings
+from serve.telemetry import METRICS
+
+log = logging.getLogger(__name__)
+ENGINE_WATCH_INTERVAL_S = 0.25
+
+
+def create_app(
+    settings: Settings,
+    engine: Engine,
+    *,
+    on_engine_dead: Callable[[], None] | None = None,
+) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        watch = asyncio.create_task(_watch_engine(engine, on_engine_dead))
+        try:
+            yield
+        finally:
+            watch.cancel()
+
+    app = FastAPI(
+        title="avatar-llm-serve",
+        version=__version__,
+        summary="OpenAI-compatible streaming for real-time avatars",
+        lifespan=lifespan,
+    )
+    admission = Admission(
+        settings.max_running_requests,
+        settings.max_waiting_requests,
+        settings.queue_timeout,
+        METRICS,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.admission = admission
+    app.state.auth = BearerAuth(settings.api_key)
+    app.state.service = GenerationService(engine, settings, admission)
+    METRICS.bind_engine(engine.kv_cache_usage, lambda: engine.is_alive)
+
+    app.include_router(generation.router)
+    app.include_router(ops.router)
+    install_error_handlers(app)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=METRICS,
+        max_body_bytes=settings.max_body_bytes,
+        max_request_duration=settings.max_request_duration,
+    )
+    _hoist_schema_defs(app)
+    return app
+
+
+async def _watch_engine(engine: Engine, on_dead: Callable[[], None] | None) -> None:
+    while engine.is_alive:
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+    log.critical("the engine has died: liveness and readiness now fail")
+    if on_dead is not None:
+        on_dead()
+
+
+def _hoist_schema_defs(app: FastAPI) -> None:
+    """Request bodies are documented through ``openapi_extra``; move their ``$defs`` into
+    ``components/schemas`` so that the OpenAPI document is valid and self-contained."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                content = operation.get("requestBody", {}).get("content", {})
+                body_schema = content.get("application/json", {}).get("schema", {})
+                components.update(body_schema.pop("$defs", {}))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,171 @@
+"""Command line and environment → ``Settings``, with vLLM's own engine flags unchanged.
+
+Front-end flags come from the fields of ``Settings``; engine flags are added by vLLM's
+``AsyncEngineArgs.add_cli_args``, so ``--model``, ``--served-model-name``, ``--max-model-len``,
+``--tensor-parallel-size``... keep vLLM's names and meanings. Each engine flag also reads
+``AVATAR_<FLAG_IN_UPPER_SNAKE>``: the variable is turned into the flag, placed before the real
+command line so that a flag given on the command line wins.
+
+This module imports vLLM; the HTTP layer does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from serve.settings import ENV_PREFIX, Settings
+
+# Defaults that differ from vLLM's, chosen for avatars: every turn resends the conversation so
+# far, so prefix caching pays on every request.
+# enforce_eager None means "decide by platform": eager on CPU, where compiling costs minutes.
+AVATAR_ENGINE_DEFAULTS: dict[str, Any] = {
+    "model": None,
+    "enable_prefix_caching": True,
+    "enforce_eager": None,
+}
+DEMO_SERVED_NAME = "avatar-demo"
+# On CPU, vLLM's default GPU-memory fraction does not apply; size the KV cache to the machine.
+CPU_KV_CACHE_CAP_BYTES = 4 * 1024**3
+CPU_KV_CACHE_MEMORY_SHARE = 0.2
+
+_FRONTEND_GROUP = "front end"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(
+        prog="python -m serve",
+        description="OpenAI-compatible streaming server for real-time avatars on vLLM. "
+        "Every flag is also an environment variable AVATAR_<FLAG_IN_UPPER_SNAKE> "
+        "(for example --max-model-len is AVATAR_MAX_MODEL_LEN); a flag wins over its variable.",
+    )
+    group = parser.add_argument_group(_FRONTEND_GROUP, "Settings of the HTTP front end.")
+    for name, field in Settings.model_fields.items():
+        if name == "engine_args":
+            continue
+        flag = "--" + name.replace("_", "-")
+        env = ENV_PREFIX + name.upper()
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        help_text = f"{field.description} [env {env}; default: {default!r}]"
+        if field.annotation is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+        elif typing.get_origin(field.annotation) is list:
+            group.add_argument(
+                flag, nargs="+", action="extend", default=argparse.SUPPRESS, help=help_text
+            )
+        else:
+            group.add_argument(flag, default=argparse.SUPPRESS, help=help_text, metavar=name.upper())
+    AsyncEngineArgs.add_cli_args(parser)
+    parser.set_defaults(**AVATAR_ENGINE_DEFAULTS)
+    return parser
+
+
+def _engine_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    return [
+        a
+        for a in parser._actions
+        if a.dest in fields and any(o.startswith("--") for o in a.option_strings)
+    ]
+
+
+def _long_flag(action: argparse.Action) -> str:
+    natural = "--" + action.dest.replace("_", "-")
+    if natural in action.option_strings:
+        return natural
+    return next(o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-"))
+
+
+def engine_env_vars() -> set[str]:
+    return {ENV_PREFIX + a.dest.upper() for a in _engine_actions(build_parser())}
+
+
+def _env_to_argv(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> list[str]:
+    argv: list[str] = []
+    for action in _engine_actions(parser):
+        value = environ.get(ENV_PREFIX + action.dest.upper())
+        if value is None:
+            continue
+        flag = _long_flag(action)
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if _truthy(value) else "--no-" + flag[2:])
+        elif action.nargs == 0:  # store_true / store_const
+            if _truthy(value):
+                argv.append(flag)
+        elif action.nargs in ("+", "*"):
+            argv.append(flag)
+            argv.extend(v.strip() for v in value.split(",") if v.strip())
+        else:
+            argv.append(f"{flag}={value}")
+    return argv
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Parse flags and environment into validated ``Settings``; exits with a message if invalid."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    engine_dests = {a.dest for a in _engine_actions(parser)}
+    args = parser.parse_args(_env_to_argv(parser, environ) + list(argv or []))
+    values = vars(args)
+    engine_args = {k: v for k, v in values.items() if k in engine_dests}
+    frontend = {k: v for k, v in values.items() if k not in engine_dests}
+    try:
+        settings = Settings(**frontend, engine_args=engine_args)
+    except ValidationError as exc:
+        parser.error(_describe(exc))
+    return settings
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        flag = "--" + loc.replace("_", "-") if loc else "settings"
+        parts.append(f"{flag} (env {ENV_PREFIX}{loc.upper()}): {err['msg']}")
+    return "invalid settings: " + "; ".join(parts)
+
+
+def finalize_engine_args(settings: Settings) -> dict[str, Any]:
+    """Resolve what depends on the machine: the demo model, and CPU defaults.
+
+    Returns the final ``AsyncEngineArgs`` fields and records them in ``settings.engine_args``.
+    """
+    from vllm.platforms import current_platform
+
+    from serve import demo_model
+
+    args = dict(settings.engine_args)
+    if not args.get("model"):
+        args["model"] = str(demo_model.ensure_built(settings.demo_model_dir))
+        if not args.get("served_model_name"):
+            args["served_model_name"] = [DEMO_SERVED_NAME]
+    is_cpu = current_platform.is_cpu()
+    if args.get("enforce_eager") is None:
+        args["enforce_eager"] = is_cpu
+    if is_cpu:
+        if not args.get("kv_cache_memory_bytes") and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            args["kv_cache_memory_bytes"] = int(
+                min(CPU_KV_CACHE_CAP_BYTES, total * CPU_KV_CACHE_MEMORY_SHARE)
+            )
+    settings.engine_args = args
+    return args

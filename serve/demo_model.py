@@ -1,0 +1,168 @@
+"""Build the built-in demo model offline: a tiny random Llama with a locally trained tokenizer.
+
+It answers gibberish; it exists so that the server, the tests and the benchmarks run end to end on
+any machine with no download. Build it into a folder with ``python -m serve.demo_model DIR``.
+
+Shape: hidden 128, 2 layers, 4 heads (head dim 32, which vLLM's CPU attention supports; 16 is
+not), a byte-level BPE vocabulary trained on a small English corpus written below, and a Jinja
+chat template. The weights are seeded, so every build of one version is identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Bump when the shape, corpus or template changes, so stale caches are rebuilt.
+DEMO_MODEL_VERSION = "1"
+DEMO_MODEL_NAME = "avatar-demo"
+
+BOS = "<|begin_of_text|>"
+EOS = "<|end|>"
+TURN_START = "<|start|>"
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|start|>{{ message['role'] }}\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}"
+)
+
+# A small, fixed corpus: conversational English of the kind an avatar speaks, so the merges
+# look like words. Written here so that the build needs nothing from the network.
+_CORPUS = """
+Hello! It is good to see you again. How has your day been so far?
+I am your virtual assistant, and I am happy to help with anything you need today.
+Sure, I can explain that. The short answer is yes, but there are a few details worth knowing.
+Let me think about that for a moment. There are three things to consider here.
+First, the weather tomorrow looks sunny with a light breeze in the afternoon.
+Second, your appointment with the doctor is on Tuesday at ten in the morning.
+Third, remember to bring your documents and a bottle of water.
+That is a great question! Many people ask me about it, and the answer often surprises them.
+I understand how you feel. Would you like me to walk you through the steps again?
+Of course. Take a deep breath, and we will go through it together, one step at a time.
+The recipe needs two cups of flour, one egg, a pinch of salt and some warm milk.
+Mix everything slowly, then let the dough rest for about thirty minutes.
+The museum opens at nine and closes at five, except on Mondays when it is closed.
+Tickets are cheaper online, and students get a discount with a valid card.
+Thank you for your patience. I have found the information you were looking for.
+Is there anything else I can help you with? I am here whenever you need me.
+Good morning! Did you sleep well? Today we are going to practise your Spanish.
+Let us start with a few simple phrases: hello, thank you, and where is the station?
+Very good! Your pronunciation is getting better every day. Keep it up.
+I am sorry, I did not catch that. Could you say it once more, a little slower?
+The train to the city leaves every fifteen minutes from platform four.
+If you feel tired, it may help to drink some water and take a short walk outside.
+The meeting has been moved to Thursday afternoon, and the room is on the second floor.
+We can talk about history, science, music, sports, cooking, travel or anything you like.
+Music can change the mood of a room in seconds; what kind of songs do you enjoy?
+The capital of France is Paris, and the river that runs through it is the Seine.
+Water boils at one hundred degrees Celsius at sea level, and freezes at zero.
+A healthy breakfast gives you energy for the whole morning.
+Goodbye for now! It was a pleasure talking with you. See you next time.
+"""
+
+
+def _train_tokenizer(out_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=[BOS, EOS, TURN_START],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Repeat the corpus so that frequent pairs clearly win; the result is deterministic.
+    tokenizer.train_from_iterator([_CORPUS] * 8, trainer=trainer)
+
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        model_max_length=4096,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+
+
+def _build_weights(out_dir: Path, vocab_size: int, bos_id: int, eos_id: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True}, indent=2)
+    )
+
+
+def build(out_dir: str | os.PathLike[str]) -> Path:
+    """Build the demo model into ``out_dir`` (replaced atomically) and return its path."""
+    target = Path(out_dir).expanduser().resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-model-", dir=target.parent))
+    try:
+        _train_tokenizer(staging)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(staging))
+        _build_weights(staging, len(tok), tok.convert_tokens_to_ids(BOS), tok.convert_tokens_to_ids(EOS))
+        (staging / "DEMO_MODEL_VERSION").write_text(DEMO_MODEL_VERSION)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def is_built(path: str | os.PathLike[str]) -> bool:
+    marker = Path(path).expanduser() / "DEMO_MODEL_VERSION"
+    return marker.is_file() and marker.read_text().strip() == DEMO_MODEL_VERSION
+
+
+def ensure_built(path: str | os.PathLike[str]) -> Path:
+    """Return the demo model folder, building it first if it is missing or stale."""
+    if is_built(path):
+        return Path(path).expanduser().resolve()
+    return build(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m serve.demo_model", description="Build the tiny random demo model offline."
+    )
+    parser.add_argument("dir", help="folder to build the model into (replaced if present)")
+    args = parser.parse_args(argv)
+    print(build(args.dir))
+
+
+if __name__ == "__main__":
+    main()

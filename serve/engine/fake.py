@@ -1,0 +1,101 @@
+"""A deterministic engine for HTTP-layer unit tests: no model, no vLLM, millisecond start.
+
+Each prompt token is one whitespace-separated word; the reply cycles through ``WORDS``. Tests can
+slow it down (``token_delay``), hold it before the first token (``first_token_gate``), kill it
+(``kill()``), and read which requests it saw and which were aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+from serve.engine.base import Delta, EngineDeadError, EngineInputError, SamplingOptions
+
+WORDS = ("Hello", " there", ".", " How", " can", " I", " help", " you", " today", "?")
+
+
+class FakeEngine:
+    def __init__(self, max_model_len: int = 256, token_delay: float = 0.0) -> None:
+        self._max_model_len = max_model_len
+        self.token_delay = token_delay
+        self.first_token_gate: asyncio.Event | None = None
+        self._alive = True
+        self._unfinished: set[str] = set()
+        self.seen: list[tuple[str, list[int], SamplingOptions]] = []
+        self.aborted: list[str] = []
+        self.rendered: list[list[dict[str, str]]] = []
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def is_alive(self) -> bool:
+        return self._alive
+
+    def kill(self) -> None:
+        self._alive = False
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        self.rendered.append([dict(m) for m in messages])
+        text = " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
+        return self.encode(text)
+
+    def encode(self, text: str) -> list[int]:
+        return [len(word) for word in text.split()]
+
+    async def generate(
+        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[Delta]:
+        if not self._alive:
+            raise EngineDeadError("the engine is not running")
+        if any(t < 0 for t in prompt_token_ids):
+            raise EngineInputError("token id out of range")
+        self.seen.append((request_id, list(prompt_token_ids), options))
+        self._unfinished.add(request_id)
+        finished = False
+        try:
+            if self.first_token_gate is not None:
+                await self.first_token_gate.wait()
+            text_so_far = ""
+            for i in range(options.max_tokens):
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                else:
+                    await asyncio.sleep(0)
+                if not self._alive:
+                    raise EngineDeadError("the engine is not running")
+                word = WORDS[i % len(WORDS)]
+                text_so_far += word
+                stop_hit = next((s for s in options.stop if s in text_so_far), None)
+                if stop_hit is not None:
+                    word = word[: max(0, len(word) - (len(text_so_far) - text_so_far.index(stop_hit)))]
+                    finished = True
+                    yield Delta(word, 1, "stop", len(prompt_token_ids) if i == 0 else None)
+                    return
+                last = i == options.max_tokens - 1
+                eos = not options.ignore_eos and word == "?" and i >= options.min_tokens
+                reason = "stop" if eos else ("length" if last else None)
+                finished = reason is not None
+                yield Delta(word, 1, reason, len(prompt_token_ids) if i == 0 else None)
+                if finished:
+                    return
+        finally:
+            self._unfinished.discard(request_id)
+            if not finished:
+                self.aborted.append(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._unfinished:
+            self._unfinished.discard(request_id)
+            self.aborted.append(request_id)
+
+    def num_unfinished_requests(self) -> int:
+        return len(self._unfinished)
+
+    def kv_cache_usage(self) -> float | None:
+        return 0.25 if self._unfinished else 0.0
+
+    async def shutdown(self) -> None:
+        self._alive = False

@@ -1,0 +1,152 @@
+"""The adapter over vLLM's async engine (``vllm.v1.engine.async_llm.AsyncLLM``).
+
+The only module of the request path that imports vLLM. It turns engine-neutral
+``SamplingOptions`` into ``SamplingParams`` with DELTA output, so each step yields only the new
+text and per-token work does not grow with the length of the answer, and it turns vLLM's
+exceptions into the engine-neutral ones of ``base``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from serve.engine.base import Delta, EngineDeadError, EngineInputError, SamplingOptions
+
+log = logging.getLogger(__name__)
+
+
+class _SchedulerStatsProbe(StatLoggerBase):
+    """Keeps the latest scheduler stats (KV-cache usage) for our own gauges.
+
+    vLLM's Prometheus logger keeps running beside it, so ``vllm:*`` metrics are unchanged.
+    """
+
+    latest_kv_cache_usage: float | None = None
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        pass
+
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        if scheduler_stats is not None:
+            type(self).latest_kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+class VllmEngine:
+    """``Engine`` over one in-process ``AsyncLLM`` shared by every request."""
+
+    def __init__(self, llm: AsyncLLM) -> None:
+        self._llm = llm
+        self._tokenizer = llm.get_tokenizer()
+        self._max_model_len = int(llm.model_config.max_model_len)
+
+    @classmethod
+    def from_engine_args(cls, engine_args: dict[str, Any]) -> VllmEngine:
+        """Start the engine (loads the model; seconds to minutes) from ``AsyncEngineArgs`` fields."""
+        args = AsyncEngineArgs(**engine_args)
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerStatsProbe])
+        return cls(llm)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def is_alive(self) -> bool:
+        return not self._llm.errored
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        text = self._tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=False
+        )
+        # The template already holds the special tokens (BOS, turn markers): add none twice.
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text))
+
+    async def generate(
+        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[Delta]:
+        first = True
+        stream = None
+        try:
+            params = _sampling_params(options)
+            stream = self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
+            async for out in stream:
+                completion = out.outputs[0]
+                delta = Delta(
+                    text=completion.text,
+                    num_tokens=len(completion.token_ids),
+                    finish_reason=completion.finish_reason if out.finished else None,
+                )
+                if first:
+                    delta.num_prompt_tokens = len(out.prompt_token_ids or prompt_token_ids)
+                    first = False
+                yield delta
+        except VllmEngineDeadError as exc:
+            raise EngineDeadError("the engine is not running") from exc
+        except asyncio.CancelledError:
+            raise
+        except (ValueError, TypeError) as exc:
+            # vLLM's input validation errors subclass ValueError.
+            raise EngineInputError(str(exc)) from exc
+        except Exception as exc:
+            if self._llm.errored:
+                raise EngineDeadError("the engine is not running") from exc
+            raise
+        finally:
+            # Closing vLLM's generator now (not at garbage collection) aborts an unfinished
+            # request at once: that is how a client that left frees its engine slot.
+            if stream is not None:
+                await stream.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        if not self._llm.errored:
+            await self._llm.abort(request_id)
+
+    def num_unfinished_requests(self) -> int:
+        return int(self._llm.get_num_unfinished_requests())
+
+    def kv_cache_usage(self) -> float | None:
+        return _SchedulerStatsProbe.latest_kv_cache_usage
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def _sampling_params(options: SamplingOptions) -> SamplingParams:
+    kwargs: dict[str, Any] = {
+        "max_tokens": options.max_tokens,
+        "stop": list(options.stop) or None,
+        "presence_penalty": options.presence_penalty,
+        "frequency_penalty": options.frequency_penalty,
+        "min_tokens": options.min_tokens,
+        "ignore_eos": options.ignore_eos,
+        "seed": options.seed,
+        "output_kind": RequestOutputKind.DELTA,
+    }
+    # Leave unset fields to vLLM's defaults rather than restating them here.
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        value = getattr(options, name)
+        if value is not None:
+            kwargs[name] = value
+    return SamplingParams(**kwargs)

@@ -1,0 +1,253 @@
+"""The request path of the generation routes, in one place:
+
+    validate (model, n, stop, context window) → render the prompt → sampling options
+    → admission → engine → stream frames, or collect one answer.
+
+Routes stay thin and call ``prepare_chat`` / ``prepare_completion`` then ``respond``. All
+per-request state lives in ``Prepared`` and the request's ``RequestRecord``, never on the shared
+service object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.responses import Response
+
+from serve.admission import Admission
+from serve.api.errors import APIError, invalid_request, model_not_found, to_api_error
+from serve.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from serve.engine.base import Delta, Engine, SamplingOptions
+from serve.settings import Settings
+from serve.streaming import DONE_FRAME, ChunkFormat, SSEResponse, error_frame
+from serve.telemetry import RequestRecord
+
+# Prompts larger than this are rendered and tokenized in a worker thread, so one long
+# conversation does not stall every other stream's next token.
+_OFFLOAD_CHARS = 16_384
+
+
+@dataclass(slots=True)
+class Prepared:
+    request_id: str
+    prompt_ids: list[int]
+    options: SamplingOptions
+    stream: bool
+    include_usage: bool
+    format: ChunkFormat
+
+
+class GenerationService:
+    def __init__(self, engine: Engine, settings: Settings, admission: Admission) -> None:
+        self._engine = engine
+        self._admission = admission
+        self._model_names = frozenset(settings.served_model_names)
+        self._max_stop = settings.max_stop_sequences
+        self._log_prompts = settings.log_prompts
+
+    # -- validate and convert ------------------------------------------------------------
+
+    async def prepare_chat(
+        self, req: ChatCompletionRequest, record: RequestRecord, request_id: str
+    ) -> Prepared:
+        self._check_common(req, record)
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in req.messages
+        ]
+        if sum(len(m["content"]) for m in messages) > _OFFLOAD_CHARS:
+            prompt_ids = await asyncio.to_thread(self._engine.render_chat, messages)
+        else:
+            prompt_ids = self._engine.render_chat(messages)
+        if self._log_prompts:
+            record.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+        return self._prepared(req, record, request_id, prompt_ids, "chatcmpl-", chat=True)
+
+    async def prepare_completion(
+        self, req: CompletionRequest, record: RequestRecord, request_id: str
+    ) -> Prepared:
+        self._check_common(req, record)
+        if req.echo:
+            raise invalid_request("`echo` is not supported.", param="echo")
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            prompt_ids = [int(t) for t in prompt]
+        else:
+            text = prompt if isinstance(prompt, str) else str(prompt[0])
+            if len(text) > _OFFLOAD_CHARS:
+                prompt_ids = await asyncio.to_thread(self._engine.encode, text)
+            else:
+                prompt_ids = self._engine.encode(text)
+            if self._log_prompts:
+                record.prompt_text = text
+        if not prompt_ids:
+            raise invalid_request("The prompt is empty.", param="prompt")
+        return self._prepared(req, record, request_id, prompt_ids, "cmpl-", chat=False)
+
+    def _check_common(self, req: SamplingFields, record: RequestRecord) -> None:
+        record.model = req.model
+        if req.model not in self._model_names:
+            raise model_not_found(req.model)
+        if req.n != 1:
+            raise invalid_request("Only `n=1` is supported.", param="n")
+        stops = req.stop_list()
+        if len(stops) > self._max_stop:
+            raise invalid_request(
+                f"At most {self._max_stop} stop sequences are allowed.", param="stop"
+            )
+        if any(not s for s in stops):
+            raise invalid_request("Stop sequences must not be empty.", param="stop")
+
+    def _prepared(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        record: RequestRecord,
+        request_id: str,
+        prompt_ids: list[int],
+        id_prefix: str,
+        *,
+        chat: bool,
+    ) -> Prepared:
+        window = self._engine.max_model_len
+        prompt_len = len(prompt_ids)
+        record.prompt_tokens = prompt_len
+        param = "messages" if chat else "prompt"
+        if prompt_len >= window:
+            raise invalid_request(
+                f"This model's maximum context length is {window} tokens; the prompt has "
+                f"{prompt_len}. Shorten the {param}.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        requested = req.requested_max_tokens()
+        if requested is not None and prompt_len + requested > window:
+            raise invalid_request(
+                f"This model's maximum context length is {window} tokens; the prompt has "
+                f"{prompt_len} and {requested} more were requested. Lower max_tokens.",
+                param="max_completion_tokens"
+                if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens
+                else "max_tokens",
+                code="context_length_exceeded",
+            )
+        options = SamplingOptions(
+            max_tokens=requested if requested is not None else window - prompt_len,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            seed=req.seed,
+            stop=tuple(req.stop_list()),
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            min_tokens=req.min_tokens,
+            ignore_eos=req.ignore_eos,
+        )
+        fmt = ChunkFormat(
+            chat=chat,
+            response_id=id_prefix + uuid.uuid4().hex,
+            created=int(time.time()),
+            model=req.model,
+        )
+        return Prepared(request_id, prompt_ids, options, req.stream, req.include_usage, fmt)
+
+    # -- run ---------------------------------------------------------------------------------
+
+    async def respond(self, p: Prepared, record: RequestRecord) -> Response:
+        """Admit, start the engine, wait for its first delta, then stream or collect.
+
+        Waiting for the first delta before answering lets a request that fails to start get a
+        real status (400, 503) instead of a 200 with an error frame; the first frame then goes
+        out with the headers, so this costs no time to first token.
+        """
+        await self._admission.acquire()
+        record.admitted = time.perf_counter()
+        stream = self._engine.generate(p.prompt_ids, p.options, p.request_id)
+        closed = False
+
+        async def close() -> None:
+            nonlocal closed
+            if closed:
+                return
+            closed = True
+            try:
+                await stream.aclose()  # type: ignore[attr-defined]  # aborts if unfinished
+            finally:
+                self._admission.release()
+
+        try:
+            first = await anext(stream)
+        except BaseException:
+            await close()
+            raise
+        if p.stream:
+            return SSEResponse(self._frames(p, first, stream, record), close)
+        try:
+            body = await self._collect(p, first, stream, record)
+        finally:
+            await close()
+        return Response(body, media_type="application/json")
+
+    async def _frames(
+        self, p: Prepared, delta: Delta, stream: AsyncIterator[Delta], record: RequestRecord
+    ) -> AsyncIterator[bytes]:
+        frame = p.format.frame
+        on_text = record.on_text
+        clock = time.perf_counter
+        first = True
+        if delta.num_prompt_tokens is not None:
+            record.prompt_tokens = delta.num_prompt_tokens
+        try:
+            while True:
+                reason = delta.finish_reason
+                if reason == "abort":
+                    raise APIError(
+                        503, "The generation was aborted.", type="server_error", code="aborted"
+                    )
+                if delta.text or reason is not None:
+                    yield frame(delta.text, first, reason)
+                    # After the yield the frame has been handed to the socket: that is the
+                    # moment the user-facing clock records.
+                    on_text(delta.text, delta.num_tokens, clock())
+                    first = False
+                else:
+                    record.output_tokens += delta.num_tokens  # bytes of an unfinished character
+                if reason is not None:
+                    record.finish_reason = reason
+                    break
+                delta = await anext(stream)
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            record.finish_reason = "error"
+            yield error_frame(to_api_error(exc))
+            yield DONE_FRAME
+            return
+        if p.include_usage:
+            yield p.format.usage_frame(record.prompt_tokens, record.output_tokens)
+        yield DONE_FRAME
+
+    async def _collect(
+        self, p: Prepared, delta: Delta, stream: AsyncIterator[Delta], record: RequestRecord
+    ) -> bytes:
+        parts: list[str] = []
+        clock = time.perf_counter
+        if delta.num_prompt_tokens is not None:
+            record.prompt_tokens = delta.num_prompt_tokens
+        while True:
+            record.on_text(delta.text, delta.num_tokens, clock())
+            parts.append(delta.text)
+            if delta.finish_reason is not None:
+                break
+            delta = await anext(stream)
+        if delta.finish_reason == "abort":
+            raise APIError(503, "The generation was aborted.", type="server_error", code="aborted")
+        record.finish_reason = delta.finish_reason
+        return p.format.completion_body(
+            "".join(parts), delta.finish_reason, record.prompt_tokens, record.output_tokens
+        )
+

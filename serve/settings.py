@@ -1,0 +1,158 @@
+"""The one settings object: every setting of the server, each a CLI flag and an env variable.
+
+Front-end settings are the fields of ``Settings`` (env ``AVATAR_<FIELD>``, flag ``--<field>``).
+Engine settings are vLLM's own ``AsyncEngineArgs`` flags, unchanged, so a ``vllm serve`` command
+line keeps working; each also reads ``AVATAR_<FLAG>`` (see ``serve.cli``). They travel in
+``Settings.engine_args``. Nothing else in the server reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "AVATAR_"
+DEFAULT_DEMO_DIR = Path.home() / ".cache" / "avatar-llm-serve" / "demo-model"
+
+# Environment variables the server or its engine reads besides its own settings, passed through
+# untouched (documented so deployment manifests may set them).
+PASSTHROUGH_ENV_VARS = frozenset(
+    {
+        "HF_TOKEN",
+        "HF_HOME",
+        "HF_HUB_OFFLINE",
+        "HUGGING_FACE_HUB_TOKEN",
+        "TRANSFORMERS_CACHE",
+        "CUDA_VISIBLE_DEVICES",
+        "NCCL_DEBUG",
+        "OMP_NUM_THREADS",
+        "PYTHONUNBUFFERED",
+    }
+)
+# vLLM reads any VLLM_* variable (for example VLLM_CPU_KVCACHE_SPACE, VLLM_LOGGING_LEVEL).
+PASSTHROUGH_ENV_PREFIXES = ("VLLM_",)
+
+
+class Settings(BaseSettings):
+    """Front-end settings. Defaults suit real-time avatars; every field is validated at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted bearer keys (flag repeatable; env comma-separated). "
+        "None: the server runs open.",
+    )
+    demo_model_dir: Path = Field(
+        DEFAULT_DEMO_DIR,
+        description="Where the built-in demo model is built when no --model is given.",
+    )
+    max_running_requests: int = Field(
+        256, ge=1, description="Requests admitted to the engine at once; more wait in the queue."
+    )
+    max_waiting_requests: int = Field(
+        512,
+        ge=0,
+        description="Requests that may wait for admission; past it a request gets 429 at once.",
+    )
+    queue_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request may wait for admission before it gets 503."
+    )
+    max_request_duration: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a request may hold engine capacity, queue wait included; "
+        "then it is aborted.",
+    )
+    drain_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, seconds in-flight requests may take to finish before exit.",
+    )
+    engine_dead_exit_delay: float = Field(
+        2.0,
+        ge=0,
+        description="Seconds between the engine dying and the process exiting non-zero "
+        "(time to answer in-flight requests with an error).",
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 past it)."
+    )
+    max_stop_sequences: int = Field(
+        16, ge=0, description="Most stop strings one request may give (400 past it)."
+    )
+    log_prompts: bool = Field(
+        False, description="Include prompt text in the access log (off: prompts are private)."
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM AsyncEngineArgs fields; filled from the engine flags by serve.cli.",
+        exclude=True,
+    )
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_blank_keys(cls, value: list[str]) -> list[str]:
+        if any(not k.strip() for k in value):
+            raise ValueError("API keys must not be blank")
+        return value
+
+    @model_validator(mode="after")
+    def _queue_within_duration(self) -> Settings:
+        if self.queue_timeout > self.max_request_duration:
+            raise ValueError("queue_timeout must not exceed max_request_duration")
+        return self
+
+    @property
+    def log_level(self) -> str:
+        """vLLM's own ``--log-level`` also sets the level of the server's logs."""
+        return str(self.engine_args.get("log_level") or "INFO")
+
+    @property
+    def served_model_names(self) -> list[str]:
+        names = self.engine_args.get("served_model_name")
+        if isinstance(names, str):
+            return [names]
+        if names:
+            return list(names)
+        return [str(self.engine_args.get("model", "model"))]
+
+
+def frontend_env_vars() -> set[str]:
+    return {
+        ENV_PREFIX + name.upper() for name in Settings.model_fields if name != "engine_args"
+    }
+
+
+def known_env_vars() -> set[str]:
+    """Every environment variable name the server reads (front end, engine flags, passthrough).
+
+    Imports vLLM (for its engine flags).
+    """
+    from serve.cli import engine_env_vars
+
+    return frontend_env_vars() | engine_env_vars() | set(PASSTHROUGH_ENV_VARS)
+
+
+def is_known_env_var(name: str) -> bool:
+    return name in known_env_vars() or name.startswith(PASSTHROUGH_ENV_PREFIXES)
+
+
+def known_cli_flags() -> set[str]:
+    """Every long CLI flag ``python -m serve`` accepts. Imports vLLM (for its engine flags)."""
+    from serve.cli import build_parser
+
+    parser = build_parser()
+    return {opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")}

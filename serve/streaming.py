@@ -1,0 +1,136 @@
+"""Server-sent events: chunk templates and the response that writes them.
+
+Per token the work is one ``orjson.dumps`` of the new text and one ``bytes.join`` into a template
+built once per request; no model objects, no validation. Each frame goes to the socket the
+moment it exists: no buffering, no compression.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+from serve.api.errors import APIError
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+DONE_FRAME = b"data: [DONE]\n\n"
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    # Proxies (nginx, ingress controllers) must not buffer or cache the stream.
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_dumps = orjson.dumps
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class ChunkFormat:
+    """Frame templates of one response (chat or text completion), built once per request."""
+
+    def __init__(self, *, chat: bool, response_id: str, created: int, model: str) -> None:
+        self.chat = chat
+        self.response_id = response_id
+        self.created = created
+        self.model = model
+        obj = b"chat.completion.chunk" if chat else b"text_completion"
+        head = b"".join(
+            (
+                b'data: {"id":', _dumps(response_id), b',"object":"', obj,
+                b'","created":', str(created).encode(), b',"model":', _dumps(model),
+            )
+        )  # fmt: skip
+        if chat:
+            choice = head + b',"choices":[{"index":0,"delta":{'
+            self._first = choice + b'"role":"assistant","content":'
+            self._next = choice + b'"content":'
+            self._close = b'},"logprobs":null,"finish_reason":'
+        else:
+            choice = head + b',"choices":[{"index":0,"text":'
+            self._first = self._next = choice
+            self._close = b',"logprobs":null,"finish_reason":'
+        self._open_tail = self._close + b"null}]}\n\n"
+        self._usage_head = head + b',"choices":[],"usage":'
+
+    def frame(self, text: str, first: bool, finish_reason: str | None = None) -> bytes:
+        """One content frame; the finish reason rides on the last one."""
+        start = self._first if first else self._next
+        if finish_reason is None:
+            return b"".join((start, _dumps(text), self._open_tail))
+        return b"".join((start, _dumps(text), self._close, _dumps(finish_reason), b"}]}\n\n"))
+
+    def usage_frame(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        usage = _dumps(usage_dict(prompt_tokens, completion_tokens))
+        return b"".join((self._usage_head, usage, b"}\n\n"))
+
+    def completion_body(
+        self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
+    ) -> bytes:
+        """The whole non-streaming response."""
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return _dumps(
+            {
+                "id": self.response_id,
+                "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [choice],
+                "usage": usage_dict(prompt_tokens, completion_tokens),
+            }
+        )
+
+
+def error_frame(error: APIError) -> bytes:
+    """An error inside a stream that has already begun: the OpenAI SDK raises it as APIError."""
+    return b"".join((b"data: ", _dumps(error.body()), b"\n\n"))
+
+
+class SSEResponse(Response):
+    """An ASGI response that writes each frame as it comes, then always runs ``on_close``.
+
+    ``on_close`` runs even if the body never started (the client left between the handler and
+    the first write), which is where a generator's own ``finally`` would not run.
+    """
+
+    def __init__(
+        self, frames: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]
+    ) -> None:
+        # A Response subclass so the framework passes it through untouched; the headers are
+        # fixed, so the base class's header machinery is skipped.
+        self.frames = frames
+        self.on_close = on_close
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            async for frame in self.frames:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            # The server reports a write to a closed connection this way: the client left.
+            scope.setdefault("state", {})["client_gone"] = True
+        finally:
+            await self.frames.aclose()  # type: ignore[attr-defined]
+            await self.on_close()

@@ -1,0 +1,191 @@
+"""Prometheus metrics, measured where the user feels them: from the moment the HTTP request
+arrives (vLLM's own clock starts later, at tokenization) to the last byte.
+
+vLLM registers its own ``vllm:*`` metrics in the same default registry, so ``/metrics`` exports
+both and existing vLLM dashboards keep working. Aborted and failed requests land in the latency
+histograms too, labelled with their finish reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# Voice latency is sub-second: resolve TTFT down to a few milliseconds.
+TTFT_BUCKETS = (
+    0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25,
+    0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+)  # fmt: skip
+E2E_BUCKETS = (
+    0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+)  # fmt: skip
+QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TOKEN_BUCKETS = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
+
+SENTENCE_ENDS = frozenset(".!?\n")
+
+REJECT_REASONS = ("overload", "auth", "validation", "draining", "queue_timeout", "too_large")
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class Metrics:
+    """The server's own metric families. One instance per registry."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        labels = ("endpoint", "model", "finish_reason")
+        self.ttft = Histogram(
+            "avatar_time_to_first_token_seconds",
+            "From HTTP request arrival to the first content byte leaving the server.",
+            labels, buckets=TTFT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.ttfs = Histogram(
+            "avatar_time_to_first_sentence_seconds",
+            "From arrival to the first sentence end (. ! ? or newline): when TTS can speak.",
+            labels, buckets=TTFT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.itl = Histogram(
+            "avatar_inter_token_latency_seconds",
+            "Gap between successive streamed content frames.",
+            labels, buckets=ITL_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            "avatar_e2e_request_latency_seconds",
+            "From arrival to the end of the response, whatever its finish reason.",
+            labels, buckets=E2E_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "avatar_queue_wait_seconds",
+            "Time a request waited for admission to the engine.",
+            ("endpoint", "model"), buckets=QUEUE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.prompt_tokens_hist = Histogram(
+            "avatar_request_prompt_tokens", "Prompt tokens per request.",
+            labels, buckets=TOKEN_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.output_tokens_hist = Histogram(
+            "avatar_request_generation_tokens", "Generated tokens per request.",
+            labels, buckets=TOKEN_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.requests = Counter(
+            "avatar_requests", "Finished requests by endpoint, HTTP status and finish reason.",
+            ("endpoint", "status", "finish_reason"), registry=registry,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "avatar_requests_rejected", "Requests refused before reaching the engine, by reason.",
+            ("reason",), registry=registry,
+        )  # fmt: skip
+        self.disconnects = Counter(
+            "avatar_client_disconnects", "Requests whose client left before the response ended.",
+            ("endpoint",), registry=registry,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "avatar_prompt_tokens_total", "Prompt tokens processed.", registry=registry
+        )
+        self.generation_tokens = Counter(
+            "avatar_generation_tokens_total", "Tokens generated.", registry=registry
+        )
+        self.running = Gauge(
+            "avatar_requests_running", "Requests admitted to the engine.", registry=registry
+        )
+        self.waiting = Gauge(
+            "avatar_requests_waiting", "Requests waiting for admission.", registry=registry
+        )
+        self.kv_cache_usage = Gauge(
+            "avatar_kv_cache_usage_ratio", "Fraction of the engine's KV cache in use (0..1).",
+            registry=registry,
+        )  # fmt: skip
+        self.engine_alive = Gauge(
+            "avatar_engine_alive", "1 while the engine is alive, 0 once it has died.",
+            registry=registry,
+        )  # fmt: skip
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)  # export zeros, so rate() works from the first scrape
+
+    def bind_engine(
+        self, kv_cache_usage: Callable[[], float | None], alive: Callable[[], bool]
+    ) -> None:
+        """Read engine state at scrape time rather than on the request path."""
+        self.kv_cache_usage.set_function(lambda: kv_cache_usage() or 0.0)
+        self.engine_alive.set_function(lambda: 1.0 if alive() else 0.0)
+
+
+METRICS = Metrics()
+
+
+def render_latest(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def exported_metric_names(registry: CollectorRegistry = REGISTRY) -> set[str]:
+    """Sample names the server exports now (``_bucket``, ``_total``, ``vllm:*`` included)."""
+    names: set[str] = set()
+    for family in registry.collect():
+        for sample in family.samples:
+            names.add(sample.name)
+        if family.type == "histogram":
+            names.update(f"{family.name}{s}" for s in ("_bucket", "_sum", "_count"))
+        elif family.type == "counter":
+            names.add(f"{family.name}_total")
+    return names
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One request's timeline, kept by the service on the stack of that request (never shared)."""
+
+    endpoint: str
+    model: str
+    arrival: float
+    admitted: float | None = None
+    first_token: float | None = None
+    first_sentence: float | None = None
+    last_token: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    finish_reason: str | None = None
+    status: int = 200
+    prompt_text: str | None = None  # kept only when the operator opts in (--log-prompts)
+    gaps: list[float] = field(default_factory=list)
+
+    def on_text(self, text: str, num_tokens: int, now: float) -> None:
+        """Per streamed frame: keep it to a few assignments (runs for every token)."""
+        if self.first_token is None:
+            self.first_token = now
+        else:
+            self.gaps.append(now - self.last_token)  # type: ignore[operator]
+        self.last_token = now
+        self.output_tokens += num_tokens
+        if self.first_sentence is None and not SENTENCE_ENDS.isdisjoint(text):
+            self.first_sentence = now
+
+    def finish(self, metrics: Metrics, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        reason = self.finish_reason or "error"
+        labels = (self.endpoint, self.model, reason)
+        if self.first_token is not None:
+            metrics.ttft.labels(*labels).observe(self.first_token - self.arrival)
+        if self.first_sentence is not None:
+            metrics.ttfs.labels(*labels).observe(self.first_sentence - self.arrival)
+        if self.gaps:
+            itl = metrics.itl.labels(*labels)
+            for gap in self.gaps:
+                itl.observe(gap)
+        metrics.e2e.labels(*labels).observe(now - self.arrival)
+        if self.admitted is not None:
+            metrics.queue_wait.labels(self.endpoint, self.model).observe(
+                self.admitted - self.arrival
+            )
+            metrics.prompt_tokens_hist.labels(*labels).observe(self.prompt_tokens)
+            metrics.output_tokens_hist.labels(*labels).observe(self.output_tokens)
+            metrics.prompt_tokens.inc(self.prompt_tokens)
+            metrics.generation_tokens.inc(self.output_tokens)
+        metrics.requests.labels(self.endpoint, str(self.status), reason).inc()
