@@ -28,43 +28,80 @@ from loadtest.workload import ChatRequest, IntRange, build_workload
 def _levels(text: str, kind: type[float] | type[int]) -> list[Any]:
     values = [kind(v) for v in text.split(",") if v.strip()]
     if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of positive numbers, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of positive numbers, got {text!r}"
+        )
     return values
 
 
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workload")
     g.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
-    g.add_argument("--turns", type=IntRange.parse, default=IntRange(1, 4),
-                   help="user turns per conversation, N or LO:HI (default 1:4); earlier turns "
-                        "are history, so this sets the prompt length")
-    g.add_argument("--max-tokens", type=IntRange.parse, default=IntRange(20, 200),
-                   help="reply length cap per request, N or LO:HI (default 20:200)")
-    g.add_argument("--ignore-eos", action="store_true",
-                   help="send ignore_eos=true (vLLM extension) so replies are exactly max_tokens")
+    g.add_argument(
+        "--turns",
+        type=IntRange.parse,
+        default=IntRange(1, 4),
+        help="user turns per conversation, N or LO:HI (default 1:4); earlier turns "
+        "are history, so this sets the prompt length",
+    )
+    g.add_argument(
+        "--max-tokens",
+        type=IntRange.parse,
+        default=IntRange(20, 200),
+        help="reply length cap per request, N or LO:HI (default 20:200)",
+    )
+    g.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="send ignore_eos=true (vLLM extension) so replies are exactly max_tokens",
+    )
 
 
 def add_load_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("load")
     sweep = g.add_mutually_exclusive_group()
-    sweep.add_argument("--concurrency", type=lambda s: _levels(s, int), default=None,
-                       help="closed loop: comma-separated in-flight counts, e.g. 1,16,64 "
-                            "(default 1)")
-    sweep.add_argument("--rate", type=lambda s: _levels(s, float), default=None,
-                       help="open loop: comma-separated Poisson request rates (req/s)")
-    g.add_argument("--max-concurrency", type=int, default=None,
-                   help="with --rate, cap on requests in flight")
-    g.add_argument("--num-requests", type=int, default=None,
-                   help="requests per level (default: max(32, 4 x concurrency), or 8 x rate)")
-    g.add_argument("--duration", type=float, default=None,
-                   help="stop starting new requests after this many seconds per level")
-    g.add_argument("--warmup", type=int, default=2,
-                   help="unmeasured requests sent (2 at a time) before each sweep (default 2)")
-    g.add_argument("--slo-ttft-ms", type=float, default=1000.0,
-                   help="goodput TTFT target in ms (default 1000)")
-    g.add_argument("--slo-itl-ms", type=float, default=100.0,
-                   help="goodput target for each request's p99 inter-token gap (default 100)")
+    sweep.add_argument(
+        "--concurrency",
+        type=lambda s: _levels(s, int),
+        default=None,
+        help="closed loop: comma-separated in-flight counts, e.g. 1,16,64 (default 1)",
+    )
+    sweep.add_argument(
+        "--rate",
+        type=lambda s: _levels(s, float),
+        default=None,
+        help="open loop: comma-separated Poisson request rates (req/s)",
+    )
+    g.add_argument(
+        "--max-concurrency", type=int, default=None, help="with --rate, cap on requests in flight"
+    )
+    g.add_argument(
+        "--num-requests",
+        type=int,
+        default=None,
+        help="requests per level (default: max(32, 4 x concurrency), or 8 x rate)",
+    )
+    g.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop starting new requests after this many seconds per level",
+    )
+    g.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="unmeasured requests sent (2 at a time) before each sweep (default 2)",
+    )
+    g.add_argument(
+        "--slo-ttft-ms", type=float, default=1000.0, help="goodput TTFT target in ms (default 1000)"
+    )
+    g.add_argument(
+        "--slo-itl-ms",
+        type=float,
+        default=100.0,
+        help="goodput target for each request's p99 inter-token gap (default 100)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -88,30 +125,43 @@ def workload_for(args: argparse.Namespace, n: int) -> list[ChatRequest]:
     return build_workload(n, seed=args.seed, turns=args.turns, max_tokens=args.max_tokens)
 
 
-async def run_levels(send: SendFn, args: argparse.Namespace, *, monitor_client: bool = True,
-                     log: bool = True) -> list[LevelRun]:
+async def run_levels(
+    send: SendFn, args: argparse.Namespace, *, monitor_client: bool = True, log: bool = True
+) -> list[LevelRun]:
     """Warm up, then run each level of the sweep in turn with the same seeded workload."""
     mode, levels = sweep(args)
     if args.warmup:
-        warm = build_workload(args.warmup, seed=args.seed + 10_000, turns=args.turns,
-                              max_tokens=IntRange(8, 16))
-        await run_level(send, warm, concurrency=min(2, args.warmup), progress=False,
-                        monitor_client=False)
+        warm = build_workload(
+            args.warmup, seed=args.seed + 10_000, turns=args.turns, max_tokens=IntRange(8, 16)
+        )
+        await run_level(
+            send, warm, concurrency=min(2, args.warmup), progress=False, monitor_client=False
+        )
     runs = []
     for level in levels:
         reqs = workload_for(args, level_size(args, mode, level))
         kw: dict[str, Any] = (
-            {"concurrency": int(level)} if mode == "concurrency"
+            {"concurrency": int(level)}
+            if mode == "concurrency"
             else {"rate": float(level), "max_concurrency": args.max_concurrency}
         )
-        run = await run_level(send, reqs, duration_s=args.duration, seed=args.seed,
-                              progress=not args.no_progress, monitor_client=monitor_client, **kw)
+        run = await run_level(
+            send,
+            reqs,
+            duration_s=args.duration,
+            seed=args.seed,
+            progress=not args.no_progress,
+            monitor_client=monitor_client,
+            **kw,
+        )
         for w in run.warnings:
             print(f"WARNING ({mode} {level:g}): {w}", file=sys.stderr)
         if log:
             ok = sum(r.ok for r in run.records)
-            print(f"  {mode} {level:g}: {ok}/{len(run.records)} ok in {run.duration_s:.1f} s",
-                  file=sys.stderr)
+            print(
+                f"  {mode} {level:g}: {ok}/{len(run.records)} ok in {run.duration_s:.1f} s",
+                file=sys.stderr,
+            )
         runs.append(run)
     return runs
 
@@ -129,22 +179,26 @@ def run_meta(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         "max_tokens": str(args.max_tokens),
         "ignore_eos": args.ignore_eos,
         "slo": {"ttft_ms": args.slo_ttft_ms, "itl_ms": args.slo_itl_ms},
-        "host": {"platform": platform.platform(), "python": platform.python_version(),
-                 "cpus": os.cpu_count()},
+        "host": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
     } | extra
 
 
-async def bench_endpoint(args: argparse.Namespace, base_url: str, model: str | None,
-                         api_key: str | None) -> tuple[dict[str, Any], list[dict[str, Any]],
-                                                       list[LevelRun]]:
+async def bench_endpoint(
+    args: argparse.Namespace, base_url: str, model: str | None, api_key: str | None
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[LevelRun]]:
     """Run the whole sweep against one endpoint; used by this CLI and by ``compare``."""
     if not model:
         models = await list_models(base_url, api_key)
         if not models:
             raise SystemExit(f"no models listed at {base_url}/models; pass --model")
         model = models[0]
-    async with ChatClient(base_url, model, api_key=api_key, ignore_eos=args.ignore_eos,
-                          timeout_s=args.timeout) as client:
+    async with ChatClient(
+        base_url, model, api_key=api_key, ignore_eos=args.ignore_eos, timeout_s=args.timeout
+    ) as client:
         runs = await run_levels(client.send, args)
     slo = Slo(args.slo_ttft_ms, args.slo_itl_ms)
     meta = run_meta(args, target=base_url, model=model, label=getattr(args, "label", "") or "")
@@ -152,17 +206,36 @@ async def bench_endpoint(args: argparse.Namespace, base_url: str, model: str | N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
-                   help="OpenAI-compatible base URL, ending in /v1")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                   help="bearer token (default $OPENAI_API_KEY)")
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--base-url",
+        default="http://127.0.0.1:8000/v1",
+        help="OpenAI-compatible base URL, ending in /v1",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="bearer token (default $OPENAI_API_KEY)",
+    )
     p.add_argument("--model", default=None, help="model name (default: first of GET /models)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s")
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="fail a request when no bytes arrive for this many seconds",
+    )
     p.add_argument("--label", default="", help="name of this run, shown in plots and JSON")
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for results.json, summary.csv, requests.csv and PNG plots")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for results.json, summary.csv, requests.csv and PNG plots",
+    )
     p.add_argument("--no-plots", action="store_true")
     add_workload_args(p)
     add_load_args(p)
@@ -171,8 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    meta, levels, runs = asyncio.run(bench_endpoint(args, args.base_url, args.model,
-                                                    args.api_key))
+    meta, levels, runs = asyncio.run(bench_endpoint(args, args.base_url, args.model, args.api_key))
     print(format_table(levels))
     if args.out:
         paths = write_outputs(args.out, meta, levels, runs, plots=not args.no_plots)

@@ -49,6 +49,7 @@ class ChatClient:
         api_key: str | None = None,
         ignore_eos: bool = False,
         timeout_s: float = 600.0,
+        stall_timeout_s: float = 60.0,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -56,7 +57,9 @@ class ChatClient:
         self.ignore_eos = ignore_eos
         self.extra_body = extra_body
         self.headers = auth_headers(api_key)
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # sock_read: a stream that stops sending (dead server) fails after this, not after the
+        # whole-request timeout, which must be long enough for the longest reply under load.
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_read=stall_timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ChatClient:

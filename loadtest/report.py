@@ -35,34 +35,69 @@ def _fmt(v: float | int | None, digits: int = 1) -> str:
 def format_table(levels: Sequence[dict[str, Any]]) -> str:
     """A fixed-width table, one row per load level."""
     cols = [
-        ("level", 6), ("ok", 5), ("err", 4), ("req/s", 7), ("tok/s", 8),
-        ("TTFT p50", 9), ("p90", 8), ("p99", 8), ("ITL p50", 8), ("p90", 7), ("p99", 7),
-        ("TPOT p50", 9), ("E2E p50", 8), ("p99", 8), ("TTFS p50", 9), ("good%", 6), ("cpu%", 5),
+        ("level", 6),
+        ("ok", 5),
+        ("err", 4),
+        ("req/s", 7),
+        ("tok/s", 8),
+        ("TTFT p50", 9),
+        ("p90", 8),
+        ("p99", 8),
+        ("ITL p50", 8),
+        ("p90", 7),
+        ("p99", 7),
+        ("TPOT p50", 9),
+        ("E2E p50", 8),
+        ("p99", 8),
+        ("TTFS p50", 9),
+        ("good%", 6),
+        ("cpu%", 5),
     ]
     lines = [" ".join(name.rjust(w) for name, w in cols)]
     for lv in levels:
         s = lv["summary"]
         t, i, e = s["ttft_ms"], s["itl_ms"], s["e2e_ms"]
         values = [
-            f"{lv['level']:g}", str(s["completed"]), str(s["errors"]),
-            _fmt(s["request_throughput"], 2), _fmt(s["output_token_throughput"]),
-            _fmt(t["p50"]), _fmt(t["p90"]), _fmt(t["p99"]),
-            _fmt(i["p50"]), _fmt(i["p90"]), _fmt(i["p99"]),
-            _fmt(s["tpot_ms"]["p50"]), _fmt(e["p50"], 0), _fmt(e["p99"], 0),
-            _fmt(s["ttfs_ms"]["p50"]), _fmt(100 * s["goodput"], 0),
+            f"{lv['level']:g}",
+            str(s["completed"]),
+            str(s["errors"]),
+            _fmt(s["request_throughput"], 2),
+            _fmt(s["output_token_throughput"]),
+            _fmt(t["p50"]),
+            _fmt(t["p90"]),
+            _fmt(t["p99"]),
+            _fmt(i["p50"]),
+            _fmt(i["p90"]),
+            _fmt(i["p99"]),
+            _fmt(s["tpot_ms"]["p50"]),
+            _fmt(e["p50"], 0),
+            _fmt(e["p99"], 0),
+            _fmt(s["ttfs_ms"]["p50"]),
+            _fmt(100 * s["goodput"], 0),
             _fmt(100 * lv["client"]["cpu_fraction"], 0),
         ]
         lines.append(" ".join(v.rjust(w) for v, (_, w) in zip(values, cols, strict=True)))
-    lines.append("(latencies in ms; tok/s = output tokens/s; good% = share meeting the SLOs; "
-                 "cpu% = load generator CPU, one core = 100)")
+    lines.append(
+        "(latencies in ms; tok/s = output tokens/s; good% = share meeting the SLOs; "
+        "cpu% = load generator CPU, one core = 100)"
+    )
     return "\n".join(lines)
 
 
 def summary_row(lv: dict[str, Any]) -> dict[str, Any]:
     s = lv["summary"]
     row: dict[str, Any] = {"mode": lv["mode"], "level": lv["level"]}
-    for key in ("requests", "completed", "errors", "duration_s", "request_throughput",
-                "output_token_throughput", "total_output_tokens", "goodput", "goodput_rps"):
+    for key in (
+        "requests",
+        "completed",
+        "errors",
+        "duration_s",
+        "request_throughput",
+        "output_token_throughput",
+        "total_output_tokens",
+        "goodput",
+        "goodput_rps",
+    ):
         row[key] = s[key]
     for metric in METRICS:
         for stat in STATS:
@@ -125,8 +160,12 @@ def write_plots(
     for run in runs:
         ttft = np.sort([r.ttft * 1000 for r in run.records if r.ok and r.ttft is not None])
         if ttft.size:
-            ax.step(ttft, np.arange(1, ttft.size + 1) / ttft.size, where="post",
-                    label=f"{xlabel.split()[0]} {run.level:g}")
+            ax.step(
+                ttft,
+                np.arange(1, ttft.size + 1) / ttft.size,
+                where="post",
+                label=f"{xlabel.split()[0]} {run.level:g}",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("TTFT (ms, log)")
     ax.set_ylabel("share of requests")
@@ -143,30 +182,40 @@ def write_plots(
     for metric, name in (("ttft_ms", "TTFT"), ("itl_ms", "ITL")):
         for stat, style in (("p50", "-o"), ("p99", "--s")):
             ys = [lv["summary"][metric][stat] for lv in levels]
-            ax1.plot(xs, [float("nan") if y is None else y for y in ys], style,
-                     label=f"{name} {stat}")
+            ax1.plot(
+                xs, [float("nan") if y is None else y for y in ys], style, label=f"{name} {stat}"
+            )
     ax1.set_xlabel(xlabel)
     ax1.set_ylabel("latency (ms)")
     ax1.set_yscale("log")
     ax1.set_title(f"Latency vs load{title}")
     ax1.grid(True, alpha=0.3)
     ax1.legend(fontsize=8)
-    ax2.plot(xs, [lv["summary"]["output_token_throughput"] for lv in levels], "-o",
-             label="output tok/s")
+    ax2.plot(
+        xs, [lv["summary"]["output_token_throughput"] for lv in levels], "-o", label="output tok/s"
+    )
     ax2.set_xlabel(xlabel)
     ax2.set_ylabel("output tokens/s")
     ax2.set_title(f"Throughput vs load{title}")
     ax2.grid(True, alpha=0.3)
     ax2b = ax2.twinx()
-    ax2b.plot(xs, [100 * lv["summary"]["goodput"] for lv in levels], ":^", color="tab:green",
-              label="goodput %")
+    ax2b.plot(
+        xs,
+        [100 * lv["summary"]["goodput"] for lv in levels],
+        ":^",
+        color="tab:green",
+        label="goodput %",
+    )
     ax2b.set_ylabel("goodput (%)")
     ax2b.set_ylim(0, 105)
     handles = ax2.get_legend_handles_labels()[0] + ax2b.get_legend_handles_labels()[0]
     ax2.legend(handles, [str(h.get_label()) for h in handles], fontsize=8, loc="lower right")
     if len(xs) > 1 and mode == "concurrency" and min(xs) > 0:
-        ax1.set_xscale("log", base=2)
-        ax2.set_xscale("log", base=2)
+        for ax in (ax1, ax2):
+            # Log scale spaces 1, 16, 64 evenly; label the levels themselves, not powers of 2.
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.minorticks_off()
     fig.tight_layout()
     paths["load_png"] = out_dir / "latency_throughput.png"
     fig.savefig(paths["load_png"])

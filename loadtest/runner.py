@@ -78,9 +78,16 @@ def client_warnings(client: dict[str, Any]) -> list[str]:
             "bottleneck; latencies include client-side queueing"
         )
     if client["loop_lag_p99_ms"] > LAG_WARN_MS:
+        # With low client CPU, lag means the machine is oversubscribed (the server and the
+        # client share its cores), not that the client is too slow.
+        cause = (
+            "the client is busy"
+            if client["cpu_fraction"] > CPU_WARN_FRACTION / 2
+            else "the cores are oversubscribed (server and client share them)"
+        )
         warnings.append(
-            f"client event-loop lag p99 {client['loop_lag_p99_ms']:.1f} ms: chunk timestamps "
-            "are late by about that much"
+            f"client event-loop lag p99 {client['loop_lag_p99_ms']:.1f} ms ({cause}): chunk "
+            "timestamps are late by up to about that much"
         )
     return warnings
 
@@ -138,8 +145,9 @@ async def run_level(
     if (concurrency is None) == (rate is None):
         raise ValueError("give exactly one of concurrency and rate")
     records: list[RequestRecord] = []
-    bar = _Progress(len(requests), f"{'c' if concurrency else 'rate'}={concurrency or rate}",
-                    progress)
+    bar = _Progress(
+        len(requests), f"{'c' if concurrency else 'rate'}={concurrency or rate}", progress
+    )
     monitor = ClientMonitor()
     monitor.start()
     t0 = time.perf_counter()

@@ -59,9 +59,7 @@ class _Server(uvicorn.Server):
             await asyncio.wait_for(admission.wait_idle(), self._drain_timeout)
             log.info("drained in %.2f s", time.perf_counter() - started)
         except TimeoutError:
-            log.warning(
-                "drain timeout: %d request(s) still in flight are cut", admission.in_flight
-            )
+            log.warning("drain timeout: %d request(s) still in flight are cut", admission.in_flight)
         self.should_exit = True
 
     def engine_died(self, delay: float) -> None:
@@ -102,8 +100,8 @@ def _announce(settings: Settings, engine: Engine, startup_s: float) -> None:
     log.info("OpenAI base URL: %s  (model %r)", base, model)
     log.info(
         "try: curl -N %s/chat/completions -H 'Content-Type: application/json'%s "
-        "-d '{\"model\": \"%s\", \"stream\": true, "
-        "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'",
+        '-d \'{"model": "%s", "stream": true, '
+        '"messages": [{"role": "user", "content": "Hello!"}]}\'',
         base,
         auth,
         model,

@@ -61,7 +61,7 @@ def create_app(
     app.state.admission = admission
     app.state.auth = BearerAuth(settings.api_key)
     app.state.service = GenerationService(engine, settings, admission)
-    METRICS.bind_engine(engine.kv_cache_usage, lambda: engine.is_alive)
+    METRICS.bind_engine(engine)
 
     app.include_router(generation.router)
     app.include_router(ops.router)
@@ -77,7 +77,9 @@ def create_app(
 
 
 async def _watch_engine(engine: Engine, on_dead: Callable[[], None] | None) -> None:
-    while engine.is_alive:
+    # Polled: the engine offers no death callback, and a quarter second is fast enough for
+    # an orchestrator that probes every few seconds.
+    while engine.is_alive:  # noqa: ASYNC110
         await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
     log.critical("the engine has died: liveness and readiness now fail")
     if on_dead is not None:

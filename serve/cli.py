@@ -3,8 +3,8 @@
 Front-end flags come from the fields of ``Settings``; engine flags are added by vLLM's
 ``AsyncEngineArgs.add_cli_args``, so ``--model``, ``--served-model-name``, ``--max-model-len``,
 ``--tensor-parallel-size``... keep vLLM's names and meanings. Each engine flag also reads
-``AVATAR_<FLAG_IN_UPPER_SNAKE>``: the variable is turned into the flag, placed before the real
-command line so that a flag given on the command line wins.
+``AVATAR_<FLAG_IN_UPPER_SNAKE>``, as do the front-end flags: a variable becomes the flag's
+default, so a flag given on the command line wins.
 
 This module imports vLLM; the HTTP layer does not.
 """
@@ -35,7 +35,7 @@ DEMO_SERVED_NAME = "avatar-demo"
 CPU_KV_CACHE_CAP_BYTES = 4 * 1024**3
 CPU_KV_CACHE_MEMORY_SHARE = 0.2
 
-_FRONTEND_GROUP = "front end"
+_FRONTEND_GROUP = "Frontend"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible streaming server for real-time avatars on vLLM. "
         "Every flag is also an environment variable AVATAR_<FLAG_IN_UPPER_SNAKE> "
         "(for example --max-model-len is AVATAR_MAX_MODEL_LEN); a flag wins over its variable.",
+        epilog="Show one group's flags with --help=<group> (--help=frontend for the server's own "
+        "settings), every flag with --help=all, or flags matching a word with --help=<word>.",
     )
     group = parser.add_argument_group(_FRONTEND_GROUP, "Settings of the HTTP front end.")
     for name, field in Settings.model_fields.items():
@@ -58,14 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{field.description} [env {env}; default: {default!r}]"
         if field.annotation is bool:
             group.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
             )
         elif typing.get_origin(field.annotation) is list:
             group.add_argument(
                 flag, nargs="+", action="extend", default=argparse.SUPPRESS, help=help_text
             )
         else:
-            group.add_argument(flag, default=argparse.SUPPRESS, help=help_text, metavar=name.upper())
+            group.add_argument(
+                flag, default=argparse.SUPPRESS, help=help_text, metavar=name.upper()
+            )
     AsyncEngineArgs.add_cli_args(parser)
     parser.set_defaults(**AVATAR_ENGINE_DEFAULTS)
     return parser
@@ -86,31 +93,42 @@ def _long_flag(action: argparse.Action) -> str:
     natural = "--" + action.dest.replace("_", "-")
     if natural in action.option_strings:
         return natural
-    return next(o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-"))
+    return next(
+        o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")
+    )
 
 
 def engine_env_vars() -> set[str]:
     return {ENV_PREFIX + a.dest.upper() for a in _engine_actions(build_parser())}
 
 
-def _env_to_argv(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> list[str]:
-    argv: list[str] = []
-    for action in _engine_actions(parser):
-        value = environ.get(ENV_PREFIX + action.dest.upper())
-        if value is None:
+def _env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Environment variables as parser defaults: the command line still wins, and a value is
+    converted and checked exactly as the flag's own value would be."""
+    defaults: dict[str, Any] = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help",):
             continue
-        flag = _long_flag(action)
-        if isinstance(action, argparse.BooleanOptionalAction):
-            argv.append(flag if _truthy(value) else "--no-" + flag[2:])
-        elif action.nargs == 0:  # store_true / store_const
-            if _truthy(value):
-                argv.append(flag)
-        elif action.nargs in ("+", "*"):
-            argv.append(flag)
-            argv.extend(v.strip() for v in value.split(",") if v.strip())
-        else:
-            argv.append(f"{flag}={value}")
-    return argv
+        raw = environ.get(ENV_PREFIX + action.dest.upper())
+        if raw is None:
+            continue
+        try:
+            defaults[action.dest] = _convert(action, raw)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"invalid {ENV_PREFIX}{action.dest.upper()}={raw!r}: {exc}")
+    return defaults
+
+
+def _convert(action: argparse.Action, raw: str) -> Any:
+    if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:
+        return _truthy(raw)
+    convert = action.type if callable(action.type) else (lambda v: v)
+    if action.nargs in ("+", "*"):
+        return [convert(v.strip()) for v in raw.split(",") if v.strip()]
+    value = convert(raw)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"choose from {sorted(map(str, action.choices))}")
+    return value
 
 
 def _truthy(value: str) -> bool:
@@ -124,7 +142,8 @@ def parse_settings(
     environ = os.environ if environ is None else environ
     parser = build_parser()
     engine_dests = {a.dest for a in _engine_actions(parser)}
-    args = parser.parse_args(_env_to_argv(parser, environ) + list(argv or []))
+    parser.set_defaults(**_env_defaults(parser, environ))
+    args = parser.parse_args(list(argv or []))
     values = vars(args)
     engine_args = {k: v for k, v in values.items() if k in engine_dests}
     frontend = {k: v for k, v in values.items() if k not in engine_dests}
@@ -161,11 +180,11 @@ def finalize_engine_args(settings: Settings) -> dict[str, Any]:
     is_cpu = current_platform.is_cpu()
     if args.get("enforce_eager") is None:
         args["enforce_eager"] = is_cpu
-    if is_cpu:
-        if not args.get("kv_cache_memory_bytes") and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            args["kv_cache_memory_bytes"] = int(
-                min(CPU_KV_CACHE_CAP_BYTES, total * CPU_KV_CACHE_MEMORY_SHARE)
-            )
+    sized = args.get("kv_cache_memory_bytes") or "VLLM_CPU_KVCACHE_SPACE" in os.environ
+    if is_cpu and not sized:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        args["kv_cache_memory_bytes"] = int(
+            min(CPU_KV_CACHE_CAP_BYTES, total * CPU_KV_CACHE_MEMORY_SHARE)
+        )
     settings.engine_args = args
     return args

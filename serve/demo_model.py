@@ -112,10 +112,11 @@ def _build_weights(out_dir: Path, vocab_size: int, bos_id: int, eos_id: int) -> 
         eos_token_id=eos_id,
         pad_token_id=eos_id,
         tie_word_embeddings=False,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config)
+    model.to(dtype=torch.bfloat16)  # type: ignore[call-arg]
     model.save_pretrained(str(out_dir), safe_serialization=True)
     (out_dir / "generation_config.json").write_text(
         json.dumps({"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True}, indent=2)
@@ -132,7 +133,9 @@ def build(out_dir: str | os.PathLike[str]) -> Path:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(staging))
-        _build_weights(staging, len(tok), tok.convert_tokens_to_ids(BOS), tok.convert_tokens_to_ids(EOS))
+        bos, eos = tok.convert_tokens_to_ids(BOS), tok.convert_tokens_to_ids(EOS)
+        assert isinstance(bos, int) and isinstance(eos, int)
+        _build_weights(staging, len(tok), bos, eos)
         (staging / "DEMO_MODEL_VERSION").write_text(DEMO_MODEL_VERSION)
         if target.exists():
             shutil.rmtree(target)

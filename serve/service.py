@@ -250,4 +250,3 @@ class GenerationService:
         return p.format.completion_body(
             "".join(parts), delta.finish_reason, record.prompt_tokens, record.output_tokens
         )
-

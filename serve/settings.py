@@ -131,9 +131,7 @@ class Settings(BaseSettings):
 
 
 def frontend_env_vars() -> set[str]:
-    return {
-        ENV_PREFIX + name.upper() for name in Settings.model_fields if name != "engine_args"
-    }
+    return {ENV_PREFIX + name.upper() for name in Settings.model_fields if name != "engine_args"}
 
 
 def known_env_vars() -> set[str]:
@@ -155,4 +153,6 @@ def known_cli_flags() -> set[str]:
     from serve.cli import build_parser
 
     parser = build_parser()
-    return {opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
+    return {
+        opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")
+    }

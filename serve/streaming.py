@@ -12,12 +12,9 @@ from typing import Any
 
 import orjson
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from serve.api.errors import APIError
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 DONE_FRAME = b"data: [DONE]\n\n"
 SSE_HEADERS = [

@@ -9,8 +9,8 @@ histograms too, labelled with their finish reason.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -28,13 +28,40 @@ E2E_BUCKETS = (
     0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0,
     120.0, 300.0, 600.0,
 )  # fmt: skip
-QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+QUEUE_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 TOKEN_BUCKETS = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
 
 SENTENCE_ENDS = frozenset(".!?\n")
 
 REJECT_REASONS = ("overload", "auth", "validation", "draining", "queue_timeout", "too_large")
 FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class EngineState(Protocol):
+    """The part of ``serve.engine.base.Engine`` that the gauges read."""
+
+    @property
+    def is_alive(self) -> bool: ...
+
+    def kv_cache_usage(self) -> float | None: ...
+
+    def num_unfinished_requests(self) -> int: ...
 
 
 class Metrics:
@@ -103,6 +130,12 @@ class Metrics:
             "avatar_kv_cache_usage_ratio", "Fraction of the engine's KV cache in use (0..1).",
             registry=registry,
         )  # fmt: skip
+        self.engine_unfinished = Gauge(
+            "avatar_engine_unfinished_requests",
+            "Requests the engine holds that have not finished (0 once every client is served "
+            "or gone: a request that outlives its client shows here).",
+            registry=registry,
+        )
         self.engine_alive = Gauge(
             "avatar_engine_alive", "1 while the engine is alive, 0 once it has died.",
             registry=registry,
@@ -110,12 +143,13 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)  # export zeros, so rate() works from the first scrape
 
-    def bind_engine(
-        self, kv_cache_usage: Callable[[], float | None], alive: Callable[[], bool]
-    ) -> None:
+    def bind_engine(self, engine: EngineState) -> None:
         """Read engine state at scrape time rather than on the request path."""
-        self.kv_cache_usage.set_function(lambda: kv_cache_usage() or 0.0)
-        self.engine_alive.set_function(lambda: 1.0 if alive() else 0.0)
+        self.kv_cache_usage.set_function(lambda: engine.kv_cache_usage() or 0.0)
+        self.engine_alive.set_function(lambda: 1.0 if engine.is_alive else 0.0)
+        self.engine_unfinished.set_function(
+            lambda: engine.num_unfinished_requests() if engine.is_alive else 0
+        )
 
 
 METRICS = Metrics()

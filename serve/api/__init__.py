@@ -1,1 +1,1 @@
-"""The HTTP layer. It never imports vLLM: it reaches the engine only through ``serve.engine.base``."""
+"""The HTTP layer. It never imports vLLM: it reaches the engine through ``serve.engine.base``."""

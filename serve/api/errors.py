@@ -110,7 +110,9 @@ def to_api_error(exc: BaseException) -> APIError:
             type="invalid_request_error" if exc.status_code < 500 else "server_error",
             code=_HTTP_CODES.get(exc.status_code),
         )
-    return APIError(500, "The server had an internal error.", type="server_error", code="internal_error")
+    return APIError(
+        500, "The server had an internal error.", type="server_error", code="internal_error"
+    )
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -136,7 +138,7 @@ def reject_reason(error: APIError) -> str | None:
         return "overload"
     if error.status == 503 and error.code in ("draining", "queue_timeout"):
         return error.code
-    if 400 <= error.status < 500 and error.status != 404 or error.code == "model_not_found":
+    if (400 <= error.status < 500 and error.status != 404) or error.code == "model_not_found":
         return "validation"
     return None
 
@@ -147,8 +149,6 @@ def install_error_handlers(app: FastAPI) -> None:
         reason = reject_reason(api_error)
         if reason is not None:
             METRICS.rejected.labels(reason).inc()
-        if api_error.status >= 500 and not isinstance(exc, APIError | EngineDeadError):
-            log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(api_error)
 
     app.add_exception_handler(APIError, handle)
@@ -156,4 +156,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, handle)
     app.add_exception_handler(EngineDeadError, handle)
     app.add_exception_handler(EngineInputError, handle)
-    app.add_exception_handler(Exception, handle)
+    # Any other exception reaches RequestContextMiddleware, which logs it once and answers 500.

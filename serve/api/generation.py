@@ -18,7 +18,8 @@ router = APIRouter()
 
 
 def get_service(request: Request) -> GenerationService:
-    return request.app.state.service  # type: ignore[no-any-return]
+    service: GenerationService = request.app.state.service
+    return service
 
 
 Service = Annotated[GenerationService, Depends(get_service)]

@@ -21,15 +21,18 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
+from starlette.types import Receive, Scope, Send
 
-from serve.api.errors import APIError
-from serve.streaming import DONE_FRAME, Receive, Scope, Send
+from serve.api.errors import APIError, to_api_error
+from serve.streaming import DONE_FRAME
 from serve.telemetry import Metrics, RequestRecord
 
 access_log = logging.getLogger("serve.access")
+log = logging.getLogger(__name__)
 
 GENERATION_PATHS = frozenset(
     {"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions"}
@@ -43,7 +46,7 @@ _FAREWELL_TIMEOUT_S = 1.0
 def _header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
         if key == name:
-            return value  # type: ignore[no-any-return]
+            return value
     return None
 
 
@@ -90,7 +93,7 @@ class RequestContextMiddleware:
         guard = _Guard(task)
         id_header = (b"x-request-id", request_id.encode())
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 guard.started = True
                 guard.status = message["status"]
@@ -102,7 +105,7 @@ class RequestContextMiddleware:
         path = scope["path"]
         if path not in GENERATION_PATHS or scope["method"] != "POST":
             try:
-                await self.app(scope, receive, send_with_id)
+                await self._call_app(scope, receive, send_with_id, guard)
             finally:
                 self._log(scope, request_id, guard, arrival, None)
             return
@@ -118,7 +121,7 @@ class RequestContextMiddleware:
             if body is None:
                 return
             watcher = asyncio.create_task(self._watch(receive, guard))
-            await self.app(scope, _replay(body, guard), send_with_id)
+            await self._call_app(scope, _replay(body, guard), send_with_id, guard)
         except asyncio.CancelledError:
             if guard.reason is None:
                 raise  # cancelled from outside (server shutdown): not ours to swallow
@@ -131,6 +134,15 @@ class RequestContextMiddleware:
                 watcher.cancel()
             self._finish(record, guard, state)
             self._log(scope, request_id, guard, arrival, record)
+
+    async def _call_app(self, scope: Scope, receive: Receive, send: Send, guard: _Guard) -> None:
+        """Run the app; an unexpected error becomes a 500 that says nothing of its cause."""
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not guard.started:
+                await _send_json(send, 500, to_api_error(RuntimeError()).body())
 
     async def _read_body(
         self, scope: Scope, receive: Receive, send: Send, guard: _Guard
@@ -264,4 +276,3 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
         }
     )
     await send({"type": "http.response.body", "body": orjson.dumps(body), "more_body": False})
-

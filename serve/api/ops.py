@@ -31,7 +31,9 @@ async def health(request: Request) -> Response:
     """Liveness: the engine is alive. Fails once it has died, so the orchestrator restarts us."""
     if not request.app.state.engine.is_alive:
         return JSONResponse(
-            error_body("The engine is not running.", "service_unavailable_error", None, "engine_dead"),
+            error_body(
+                "The engine is not running.", "service_unavailable_error", None, "engine_dead"
+            ),
             status_code=503,
         )
     return JSONResponse({"status": "ok"})
@@ -43,7 +45,9 @@ async def ready(request: Request) -> Response:
     state = request.app.state
     if not state.engine.is_alive:
         return JSONResponse(
-            error_body("The engine is not running.", "service_unavailable_error", None, "engine_dead"),
+            error_body(
+                "The engine is not running.", "service_unavailable_error", None, "engine_dead"
+            ),
             status_code=503,
         )
     if state.admission.draining:

@@ -70,7 +70,9 @@ class FakeEngine:
                 text_so_far += word
                 stop_hit = next((s for s in options.stop if s in text_so_far), None)
                 if stop_hit is not None:
-                    word = word[: max(0, len(word) - (len(text_so_far) - text_so_far.index(stop_hit)))]
+                    word = word[
+                        : max(0, len(word) - (len(text_so_far) - text_so_far.index(stop_hit)))
+                    ]
                     finished = True
                     yield Delta(word, 1, "stop", len(prompt_token_ids) if i == 0 else None)
                     return

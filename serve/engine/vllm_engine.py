@@ -60,7 +60,7 @@ class VllmEngine:
 
     @classmethod
     def from_engine_args(cls, engine_args: dict[str, Any]) -> VllmEngine:
-        """Start the engine (loads the model; seconds to minutes) from ``AsyncEngineArgs`` fields."""
+        """Start the engine from ``AsyncEngineArgs`` fields (loading the model takes a while)."""
         args = AsyncEngineArgs(**engine_args)
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerStatsProbe])
         return cls(llm)
@@ -74,8 +74,10 @@ class VllmEngine:
         return not self._llm.errored
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False
+        text = str(
+            self._tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=False
+            )
         )
         # The template already holds the special tokens (BOS, turn markers): add none twice.
         return list(self._tokenizer.encode(text, add_special_tokens=False))

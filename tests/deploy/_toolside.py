@@ -8,6 +8,7 @@ with kubernetes-validate/promql-parser. Reads JSON on stdin, writes JSON on stdo
   python _toolside.py promql                   stdin: [expr, ...]
       -> [{"expr", "metrics": [...], "matchers": [[metric, label, op, value]...], "error"|null}]
 """
+
 from __future__ import annotations
 
 import json
@@ -19,25 +20,28 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 def _k8s_registry(version: str):
     import importlib_resources
+    import kubernetes_validate.utils as kvu
     import referencing
     import referencing.jsonschema
-    import kubernetes_validate.utils as kvu
 
     avail = [v for v in kvu.all_versions() if kvu.major_minor(v) == kvu.major_minor(version)]
     if not avail:
         raise SystemExit(f"kubernetes-validate has no schemas for {version}")
     defs_path = importlib_resources.files("kubernetes_validate").joinpath(
-        f"kubernetes-json-schema/v{avail[-1]}-local-strict/_definitions.json")
+        f"kubernetes-json-schema/v{avail[-1]}-local-strict/_definitions.json"
+    )
     defs = json.loads(defs_path.read_text())
-    res = referencing.Resource.from_contents(defs, default_specification=referencing.jsonschema.DRAFT202012)
+    res = referencing.Resource.from_contents(
+        defs, default_specification=referencing.jsonschema.DRAFT202012
+    )
     return defs, res
 
 
 def validate(version: str) -> list[dict]:
     import jsonschema
+    import kubernetes_validate
     import referencing
     import yaml
-    import kubernetes_validate
     from kubernetes_validate.utils import SchemaNotFoundError
 
     objs = json.load(sys.stdin)
@@ -74,7 +78,8 @@ def validate(version: str) -> list[dict]:
                 if errs:
                     e = errs[0]
                     raise jsonschema.ValidationError(
-                        f"{'.'.join(map(str, e.absolute_path))}: {e.message}")
+                        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                    )
                 entry["schema"] = f"crd_schemas.yaml:{key}"
             else:
                 got = kubernetes_validate.validate(obj, version, strict=True)
@@ -84,7 +89,7 @@ def validate(version: str) -> list[dict]:
         except jsonschema.ValidationError as e:
             path = ".".join(str(p) for p in e.absolute_path)
             entry["error"] = f"{path}: {e.message}" if path else e.message
-        except Exception as e:  # noqa: BLE001 - report, do not crash the batch
+        except Exception as e:
             entry["error"] = f"{type(e).__name__}: {e}"
         results.append(entry)
     return results
@@ -98,7 +103,7 @@ def promql() -> list[dict]:
         item = {"expr": expr, "metrics": [], "matchers": [], "error": None}
         try:
             ast = pp.parse(expr)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             item["error"] = str(e)
             out.append(item)
             continue
@@ -111,7 +116,11 @@ def promql() -> list[dict]:
             elif isinstance(node, pp.VectorSelector):
                 name = node.name
                 for m in node.matchers.matchers:
-                    if m.name == "__name__" and str(m.op).endswith("Equal") and "Not" not in str(m.op):
+                    if (
+                        m.name == "__name__"
+                        and str(m.op).endswith("Equal")
+                        and "Not" not in str(m.op)
+                    ):
                         name = m.value
                     else:
                         item["matchers"].append([name, m.name, str(m.op), m.value])

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import deploylib  # noqa: E402
+import deploylib
 
 
 @pytest.fixture(scope="session")

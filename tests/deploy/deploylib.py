@@ -5,6 +5,7 @@ Tools (kubectl/kustomize, hadolint, kubernetes-validate, promql-parser) live in
 .tools/deploy-venv, installed by tests/deploy/install_tools.sh, and are called as
 subprocesses so they never mix with the project's own environment.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,33 +44,45 @@ def ensure_tools() -> None:
 
 # ---------------------------------------------------------------- rendering
 def kustomize_build(path: pathlib.Path) -> list[dict]:
-    proc = subprocess.run([str(KUBECTL), "kustomize", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(KUBECTL), "kustomize", str(path)], capture_output=True, text=True, timeout=120
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"kustomize build {path} failed:\n{proc.stderr}")
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
 def overlays(k8s: pathlib.Path = K8S) -> list[str]:
-    return sorted(p.name for p in (k8s / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+    return sorted(
+        p.name for p in (k8s / "overlays").iterdir() if (p / "kustomization.yaml").exists()
+    )
 
 
 def addon_components(k8s: pathlib.Path = K8S) -> list[str]:
-    return sorted(p.name for p in (k8s / "components").iterdir()
-                  if (p / "kustomization.yaml").exists() and p.name not in NON_ADDON_COMPONENTS)
+    return sorted(
+        p.name
+        for p in (k8s / "components").iterdir()
+        if (p / "kustomization.yaml").exists() and p.name not in NON_ADDON_COMPONENTS
+    )
 
 
-def build_with_component(component: str, workdir: pathlib.Path, k8s: pathlib.Path = K8S,
-                         overlay: str = "gpu") -> list[dict]:
+def build_with_component(
+    component: str, workdir: pathlib.Path, k8s: pathlib.Path = K8S, overlay: str = "gpu"
+) -> list[dict]:
     """Render `overlay` plus one optional component, as a user overlay would."""
     d = workdir / f"{overlay}+{component}"
     d.mkdir(parents=True, exist_ok=True)
     rel = lambda p: os.path.relpath(p, d)  # noqa: E731
-    (d / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [rel(k8s / "overlays" / overlay)],
-        "components": [rel(k8s / "components" / component)],
-    }))
+    (d / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [rel(k8s / "overlays" / overlay)],
+                "components": [rel(k8s / "components" / component)],
+            }
+        )
+    )
     return kustomize_build(d)
 
 
@@ -82,8 +95,13 @@ def render_all(workdir: pathlib.Path, k8s: pathlib.Path = K8S) -> dict[str, list
 
 # ---------------------------------------------------------------- tool-side calls
 def _toolside(args: list[str], payload) -> list[dict]:
-    proc = subprocess.run([str(TOOLS_PY), str(HERE / "_toolside.py"), *args],
-                          input=json.dumps(payload), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(TOOLS_PY), str(HERE / "_toolside.py"), *args],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"_toolside {args} failed:\n{proc.stderr}")
     return json.loads(proc.stdout)
@@ -113,6 +131,16 @@ def pod_specs(objs: Iterable[dict]) -> Iterator[tuple[str, dict, dict]]:
                     yield f"{kind}/{name}.{role}", lwt[role], lwt[role].get("spec") or {}
 
 
+def runtime_pod_labels(where: str, tmpl: dict) -> dict[str, str]:
+    """Template labels plus those a controller adds to the pods (LWS worker index)."""
+    labels = dict((tmpl.get("metadata") or {}).get("labels") or {})
+    if where.endswith(".leaderTemplate"):
+        labels["leaderworkerset.sigs.k8s.io/worker-index"] = "0"
+    elif where.endswith(".workerTemplate"):
+        labels["leaderworkerset.sigs.k8s.io/worker-index"] = "1"  # 1..size-1
+    return labels
+
+
 def server_containers(objs: Iterable[dict]) -> Iterator[tuple[str, dict, dict]]:
     """(where, pod spec, container) for containers running the avatar-llm-serve image."""
     for where, _tmpl, ps in pod_specs(objs):
@@ -122,8 +150,11 @@ def server_containers(objs: Iterable[dict]) -> Iterator[tuple[str, dict, dict]]:
 
 
 def find(objs: Iterable[dict], kind: str, name: str | None = None) -> list[dict]:
-    return [o for o in objs if o.get("kind") == kind
-            and (name is None or o.get("metadata", {}).get("name") == name)]
+    return [
+        o
+        for o in objs
+        if o.get("kind") == kind and (name is None or o.get("metadata", {}).get("name") == name)
+    ]
 
 
 def container_env(c: dict, objs: list[dict]) -> dict[str, str | None]:
@@ -136,10 +167,12 @@ def container_env(c: dict, objs: list[dict]) -> dict[str, str | None]:
                 ref = src[ref_key]["name"]
                 found = find(objs, kind, ref)
                 if not found:
-                    raise AssertionError(f"envFrom {kind} {ref!r} is not rendered; its keys cannot be checked")
+                    raise AssertionError(
+                        f"envFrom {kind} {ref!r} is not rendered; its keys cannot be checked"
+                    )
                 for k, v in (found[0].get("data") or {}).items():
                     env[prefix + k] = v if kind == "ConfigMap" else None
-                for k in (found[0].get("stringData") or {}):
+                for k in found[0].get("stringData") or {}:
                     env[prefix + k] = None
     for e in c.get("env", []):
         env[e["name"]] = e.get("value") if "valueFrom" not in e else None
@@ -156,6 +189,7 @@ def serve_flags(c: dict) -> list[str]:
     With a command (e.g. a bash -c script) every `-m serve` invocation in the joined
     command line is parsed up to the next shell separator.
     """
+
     def longflags(tokens: Iterable[str]) -> list[str]:
         return [t.split("=", 1)[0] for t in tokens if t.startswith("--")]
 
@@ -164,7 +198,7 @@ def serve_flags(c: dict) -> list[str]:
     text = " ".join(c.get("command", []) + c.get("args", [])).replace("\\\n", " ")
     flags: list[str] = []
     for m in re.finditer(r"-m\s+serve\b", text):
-        segment = _SHELL_SEP.split(text[m.end():], maxsplit=1)[0]
+        segment = _SHELL_SEP.split(text[m.end() :], maxsplit=1)[0]
         flags += longflags(shlex.split(segment, posix=True))
     return flags
 
@@ -211,15 +245,16 @@ def dashboard_exprs(dashboard: dict) -> list[str]:
     def walk(node):
         if isinstance(node, dict):
             for k, v in node.items():
-                if k == "expr" and isinstance(v, str):
-                    out.append(_grafana_to_promql(v))
-                elif k == "query" and isinstance(v, str) and "label_values(" in v:
+                if (k == "expr" and isinstance(v, str)) or (
+                    k == "query" and isinstance(v, str) and "label_values(" in v
+                ):
                     out.append(_grafana_to_promql(v))
                 else:
                     walk(v)
         elif isinstance(node, list):
             for x in node:
                 walk(x)
+
     walk(dashboard)
     return out
 
@@ -241,7 +276,11 @@ def adapter_rule_files(k8s: pathlib.Path) -> list[pathlib.Path]:
             doc = yaml.safe_load(p.read_text())
         except yaml.YAMLError:
             continue
-        if isinstance(doc, dict) and isinstance(doc.get("rules"), dict) and "custom" in doc["rules"]:
+        if (
+            isinstance(doc, dict)
+            and isinstance(doc.get("rules"), dict)
+            and "custom" in doc["rules"]
+        ):
             out.append(p)
     return out
 
@@ -255,10 +294,17 @@ def adapter_rules(path: pathlib.Path) -> list[tuple[str, str, list[str]]]:
         series_name = m.group(1) if m else ""
         name = series_name
         if "name" in r:
-            name = re.sub(r["name"].get("matches", "^(.*)$"),
-                          r["name"].get("as", "$1").replace("$", "\\"), series_name)
-        q = (r.get("metricsQuery", "").replace("<<.Series>>", series_name)
-             .replace("<<.LabelMatchers>>", 'namespace="x",pod="y"').replace("<<.GroupBy>>", "pod"))
+            name = re.sub(
+                r["name"].get("matches", "^(.*)$"),
+                r["name"].get("as", "$1").replace("$", "\\"),
+                series_name,
+            )
+        q = (
+            r.get("metricsQuery", "")
+            .replace("<<.Series>>", series_name)
+            .replace("<<.LabelMatchers>>", 'namespace="x",pod="y"')
+            .replace("<<.GroupBy>>", "pod")
+        )
         rules.append((name, f"{path.name}:{series_name}", [series, q] if q else [series]))
     return rules
 
@@ -269,13 +315,22 @@ def promql_sources(objs: list[dict], k8s: pathlib.Path = K8S) -> list[tuple[str,
     for pr in find(objs, "PrometheusRule"):
         for g in pr["spec"].get("groups", []):
             for r in g.get("rules", []):
-                src.append((f"PrometheusRule/{pr['metadata']['name']}/{r.get('alert') or r.get('record')}",
-                            str(r["expr"])))
+                src.append(
+                    (
+                        f"PrometheusRule/{pr['metadata']['name']}/"
+                        f"{r.get('alert') or r.get('record')}",
+                        str(r["expr"]),
+                    )
+                )
     for so in find(objs, "ScaledObject"):
         for t in so["spec"].get("triggers", []):
             if t.get("type") == "prometheus":
-                src.append((f"ScaledObject/{so['metadata']['name']}/{t.get('name', '?')}",
-                            t["metadata"]["query"]))
+                src.append(
+                    (
+                        f"ScaledObject/{so['metadata']['name']}/{t.get('name', '?')}",
+                        t["metadata"]["query"],
+                    )
+                )
     for where, dash in dashboards(objs):
         src += [(where, e) for e in dashboard_exprs(dash)]
     if find(objs, "HorizontalPodAutoscaler"):
@@ -286,8 +341,13 @@ def promql_sources(objs: list[dict], k8s: pathlib.Path = K8S) -> list[tuple[str,
 
 
 def recorded_series(objs: list[dict]) -> set[str]:
-    return {r["record"] for pr in find(objs, "PrometheusRule")
-            for g in pr["spec"].get("groups", []) for r in g.get("rules", []) if "record" in r}
+    return {
+        r["record"]
+        for pr in find(objs, "PrometheusRule")
+        for g in pr["spec"].get("groups", [])
+        for r in g.get("rules", [])
+        if "record" in r
+    }
 
 
 def hpa_metric_names(objs: list[dict]) -> list[tuple[str, str]]:
@@ -296,7 +356,9 @@ def hpa_metric_names(objs: list[dict]) -> list[tuple[str, str]]:
         for m in h["spec"].get("metrics", []):
             body = m.get(m["type"][0].lower() + m["type"][1:]) or {}
             if "metric" in body:
-                out.append((f"HorizontalPodAutoscaler/{h['metadata']['name']}", body["metric"]["name"]))
+                out.append(
+                    (f"HorizontalPodAutoscaler/{h['metadata']['name']}", body["metric"]["name"])
+                )
     return out
 
 
@@ -335,29 +397,58 @@ def load_contract() -> ServerContract:
         from serve.engine.fake import FakeEngine
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] == "serve":
-            raise ContractUnavailable(f"serve API not importable yet ({e}); drift cannot be checked") from e
+            raise ContractUnavailable(
+                f"serve API not importable yet ({e}); drift cannot be checked"
+            ) from e
         raise
     known = s.known_env_vars()
     if hasattr(s, "is_known_env_var"):
         env_ok = s.is_known_env_var
     else:
         import fnmatch
+
         env_ok = lambda n: n in known or any(fnmatch.fnmatchcase(n, k) for k in known if "*" in k)  # noqa: E731
     settings = s.Settings()
     app = create_app(settings, FakeEngine())  # registers the app's metrics
+    metrics = set(telemetry.exported_metric_names())
+    if not any(m.startswith("vllm:") for m in metrics):
+        # vLLM registers its vllm:* collectors only when a real engine starts, which a
+        # test with FakeEngine never does: take the names the installed vLLM defines.
+        metrics |= vllm_defined_metric_names()
     return ServerContract(
         env_ok=env_ok,
         cli_flags=set(s.known_cli_flags()),
-        metrics=set(telemetry.exported_metric_names()),
+        metrics=metrics,
         routes={getattr(r, "path", None) for r in app.routes} - {None},
         port=int(settings.port),
     )
 
 
+def vllm_defined_metric_names() -> set[str]:
+    """vllm:* sample names defined in the installed vLLM's metrics code (static scan, no import).
+
+    The metric kind is not known from the literal, so the counter (_total) and histogram
+    (_bucket/_sum/_count) sample names are accepted alongside the base name.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    names: set[str] = set()
+    for root in spec.submodule_search_locations:
+        for f in pathlib.Path(root).rglob("*.py"):
+            if "metrics" not in str(f.relative_to(root)):
+                continue
+            for n in re.findall(r"""["'](vllm:[a-z0-9_]+)["']""", f.read_text(errors="replace")):
+                names |= {n, n + "_total", n + "_bucket", n + "_sum", n + "_count"}
+    return names
+
+
 def check_drift(objs: list[dict], contract: ServerContract, k8s: pathlib.Path = K8S) -> list[str]:
     """Every way the rendered manifests disagree with the server. Empty = in sync."""
     problems: list[str] = []
-    for where, ps, c in server_containers(objs):
+    for where, _ps, c in server_containers(objs):
         env = container_env(c, objs)
         for name in env:
             if not contract.env_ok(name):
@@ -378,15 +469,19 @@ def check_drift(objs: list[dict], contract: ServerContract, k8s: pathlib.Path = 
             if resolve_port(c, get["port"]) != port:
                 problems.append(f"{where}: {kind} port {get['port']} is not the server port {port}")
         if c.get("ports") and port not in [p.get("containerPort") for p in c["ports"]]:
-            problems.append(f"{where}: containerPorts {c['ports']} do not include the server port {port}")
+            problems.append(
+                f"{where}: containerPorts {c['ports']} do not include the server port {port}"
+            )
     for sm in find(objs, "ServiceMonitor"):
         for ep in sm["spec"]["endpoints"]:
             if ep.get("path", "/metrics") not in contract.routes:
-                problems.append(f"ServiceMonitor/{sm['metadata']['name']}: path {ep.get('path')} is not a route")
+                problems.append(
+                    f"ServiceMonitor/{sm['metadata']['name']}: path {ep.get('path')} is not a route"
+                )
 
     allowed = contract.metrics | PROMETHEUS_SYNTHETIC_SERIES | recorded_series(objs)
     sources = promql_sources(objs, k8s)
-    for (where, expr), res in zip(sources, analyze_promql([e for _, e in sources])):
+    for (where, expr), res in zip(sources, analyze_promql([e for _, e in sources]), strict=True):
         if res["error"]:
             problems.append(f"{where}: PromQL does not parse: {res['error']}: {expr!r}")
         for m in res["metrics"]:
@@ -395,7 +490,9 @@ def check_drift(objs: list[dict], contract: ServerContract, k8s: pathlib.Path = 
     adapter_names = {n for f in adapter_rule_files(k8s) for n, _, _ in adapter_rules(f)}
     for where, name in hpa_metric_names(objs):
         if name not in allowed and name not in adapter_names:
-            problems.append(f"{where}: metric {name} is neither exported nor defined by an adapter rule")
+            problems.append(
+                f"{where}: metric {name} is neither exported nor defined by an adapter rule"
+            )
     for where, name in epp_metric_flags(objs):
         if name not in allowed:
             problems.append(f"{where}: metric {name} is not exported by the server")

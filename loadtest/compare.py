@@ -1,0 +1,406 @@
+"""Side by side: our server vs vLLM's own OpenAI server vs the raw engine, same model and settings.
+
+    python -m loadtest.compare --concurrency 1,16,64 --rounds 3 --out results/compare
+
+Both servers start at once on two free loopback ports, with identical engine flags, and stay up
+for the whole comparison; only one of them is under load at any time (an idle server costs
+almost no CPU: the idle one's CPU use is measured and reported). Starting them once instead of
+per round saves minutes of engine start-up on a small machine and keeps both equally warm.
+Each round runs the same seeded workload against every target in turn, in ABBA order (rounds
+alternate direction) so slow drift of the machine, such as other jobs on shared cores, does not
+favour one side. The raw engine (``loadtest.engine``, AsyncLLM in process, no HTTP) runs as a
+child process for its turn, and is the floor both servers are compared to.
+
+Writes compare.json, compare.md and per-target, per-round bench outputs under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtest.bench import add_load_args, add_workload_args, bench_endpoint, sweep
+from loadtest.report import format_table, write_outputs
+from loadtest.servers import ServerProcess, engine_flags, free_port, ours_command, vllm_command
+
+TARGETS = ("ours", "vllm", "engine")
+# (key in the summary, stat, label, higher is better)
+RATIO_METRICS = (
+    ("ttft_ms", "p50", "TTFT p50", False),
+    ("ttft_ms", "p99", "TTFT p99", False),
+    ("itl_ms", "p50", "ITL p50", False),
+    ("itl_ms", "p99", "ITL p99", False),
+    ("output_token_throughput", None, "output tok/s", True),
+)
+DEMO_MODEL_DIR = Path.home() / ".cache" / "avatar-llm-serve" / "demo-model"
+
+
+def metric(summary: dict[str, Any], key: str, stat: str | None) -> float | None:
+    value = summary[key] if stat is None else summary[key][stat]
+    return None if value is None else float(value)
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "min": min(values),
+        "max": max(values),
+        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def ratios(
+    results: dict[str, list[list[dict[str, Any]]]], num: str, den: str
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per level and metric: ``num/den`` computed within each round, then spread over rounds.
+
+    Pairing within a round (not dividing the means) keeps the round-to-round drift of a shared
+    machine out of the ratio as far as possible.
+    """
+    values: dict[str, dict[str, list[float]]] = {}
+    if num not in results or den not in results:
+        return {}
+    for r_num, r_den in zip(results[num], results[den], strict=True):
+        for lv_num, lv_den in zip(r_num, r_den, strict=True):
+            per = values.setdefault(f"{lv_num['level']:g}", {})
+            for key, stat, label, _ in RATIO_METRICS:
+                a = metric(lv_num["summary"], key, stat)
+                b = metric(lv_den["summary"], key, stat)
+                if a is not None and b:
+                    per.setdefault(label, []).append(a / b)
+    return {lvl: {lab: spread(v) for lab, v in per.items()} for lvl, per in values.items()}
+
+
+def absolute(results: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Per target, level and metric: the spread of the absolute value over rounds."""
+    out: dict[str, Any] = {}
+    for target, rounds in results.items():
+        per_level: dict[str, dict[str, list[float]]] = {}
+        for levels in rounds:
+            for lv in levels:
+                for key, stat, label, _ in RATIO_METRICS:
+                    v = metric(lv["summary"], key, stat)
+                    if v is not None:
+                        per_level.setdefault(f"{lv['level']:g}", {}).setdefault(label, []).append(v)
+        out[target] = {
+            lvl: {lab: spread(v) for lab, v in d.items()} for lvl, d in per_level.items()
+        }
+    return out
+
+
+def _cell(s: dict[str, float] | None) -> str:
+    if not s:
+        return "-"
+    if s["n"] == 1:
+        return f"{s['mean']:.2f}"
+    return f"{s['mean']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Comparison ({report['meta']['rounds']} rounds, {report['meta']['mode']})", ""]
+    labels = [m[2] for m in RATIO_METRICS]
+    for title, key in (
+        ("ours / vLLM server", "ours_vs_vllm"),
+        ("ours / raw engine (floor)", "ours_vs_engine"),
+        ("vLLM server / raw engine (floor)", "vllm_vs_engine"),
+    ):
+        table = report["ratios"].get(key) or {}
+        if not table:
+            continue
+        lines += [
+            f"## {title}",
+            "",
+            "Ratio per round, mean (min-max) over rounds. Latency: below 1 is better; "
+            "tok/s: above 1 is better.",
+            "",
+            "| level | " + " | ".join(labels) + " |",
+            "|---" * (len(labels) + 1) + "|",
+        ]
+        for level, per in table.items():
+            lines.append(f"| {level} | " + " | ".join(_cell(per.get(lab)) for lab in labels) + " |")
+        lines.append("")
+    lines += [
+        "## Absolute values",
+        "",
+        "Mean (min-max) over rounds; latencies in ms.",
+        "",
+        "| target | level | " + " | ".join(labels) + " |",
+        "|---" * (len(labels) + 2) + "|",
+    ]
+    for target, per_level in report["absolute"].items():
+        for level, per in per_level.items():
+            lines.append(
+                f"| {target} | {level} | "
+                + " | ".join(_cell(per.get(lab)) for lab in labels)
+                + " |"
+            )
+    if report.get("idle_peer_cpu"):
+        lines += [
+            "",
+            "Idle server's CPU use while the other was loaded (share of one core): "
+            + ", ".join(f"{k} {v:.1%}" for k, v in report["idle_peer_cpu"].items()),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"model folder or id (default: the demo model, built in {DEMO_MODEL_DIR})",
+    )
+    p.add_argument("--served-model-name", default="avatar-demo")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument(
+        "--kv-cache-memory-bytes",
+        type=int,
+        default=1 << 30,
+        help="KV cache size for every target (default 1 GiB); 0 to leave unset",
+    )
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--engine-args",
+        default="--enable-prefix-caching",
+        help="more engine flags for all three targets, one string "
+        "(default: '--enable-prefix-caching', our server's default, made explicit)",
+    )
+    p.add_argument(
+        "--ours-cmd", default=None, help="command that starts our server (default: python -m serve)"
+    )
+    p.add_argument(
+        "--vllm-cmd",
+        default=None,
+        help="command that starts vLLM's server "
+        "(default: python -m vllm.entrypoints.openai.api_server)",
+    )
+    p.add_argument(
+        "--targets", default=",".join(TARGETS), help="comma-separated subset of ours,vllm,engine"
+    )
+    p.add_argument("--rounds", type=int, default=2, help="A/B rounds (default 2)")
+    p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--env",
+        action="append",
+        default=["VLLM_ENABLE_V1_MULTIPROCESSING=0"],
+        metavar="KEY=VALUE",
+        help="environment for all targets (repeatable)",
+    )
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s")
+    p.add_argument("--stall-timeout", type=float, default=60.0)
+    p.add_argument("--out", type=Path, default=Path("results/compare"))
+    add_workload_args(p)
+    add_load_args(p)
+    p.set_defaults(ignore_eos=True)
+    return p
+
+
+def _forwarded_load_args(args: argparse.Namespace) -> list[str]:
+    """The bench flags again, for the engine child, so it runs exactly the same sweep."""
+    mode, levels = sweep(args)
+    out = [
+        f"--{mode}",
+        ",".join(f"{v:g}" for v in levels),
+        "--seed",
+        str(args.seed),
+        "--turns",
+        str(args.turns),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--warmup",
+        str(args.warmup),
+        "--slo-ttft-ms",
+        str(args.slo_ttft_ms),
+        "--slo-itl-ms",
+        str(args.slo_itl_ms),
+        "--no-progress",
+    ]
+    if args.ignore_eos:
+        out.append("--ignore-eos")
+    if args.num_requests:
+        out += ["--num-requests", str(args.num_requests)]
+    if args.duration:
+        out += ["--duration", str(args.duration)]
+    if args.max_concurrency:
+        out += ["--max-concurrency", str(args.max_concurrency)]
+    return out
+
+
+def run_engine_round(
+    args: argparse.Namespace, flags: list[str], env: dict[str, str], out_dir: Path
+) -> list[dict[str, Any]]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtest.engine",
+        *_forwarded_load_args(args),
+        "--out",
+        str(out_dir),
+        *flags,
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "engine.log").open("wb") as log:
+        # Its own process: the engine's CPU use must not be billed to this process's client,
+        # and a crash there must not take the comparison down.
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
+        )
+        try:
+            rc = proc.wait(timeout=args.ready_timeout + 3600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if rc != 0 or not (out_dir / "results.json").exists():
+        raise RuntimeError(f"raw engine run failed (rc {rc}); see {out_dir / 'engine.log'}")
+    levels: list[dict[str, Any]] = json.loads((out_dir / "results.json").read_text())["levels"]
+    return levels
+
+
+async def run_compare(args: argparse.Namespace) -> dict[str, Any]:
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if unknown := set(targets) - set(TARGETS):
+        raise SystemExit(f"unknown targets: {sorted(unknown)}")
+    model = args.model
+    if model is None:
+        from serve.demo_model import ensure_built
+
+        model = str(ensure_built(DEMO_MODEL_DIR))
+    flags = engine_flags(
+        model,
+        args.served_model_name,
+        max_model_len=args.max_model_len,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        enforce_eager=args.enforce_eager,
+        extra=shlex.split(args.engine_args),
+    )
+    env = dict(kv.split("=", 1) for kv in args.env)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    servers: dict[str, ServerProcess] = {}
+    if "ours" in targets:
+        port = free_port()
+        servers["ours"] = ServerProcess(
+            "ours",
+            ours_command(flags, port, args.ours_cmd),
+            port,
+            log_path=args.out / "ours.log",
+            env=env,
+            ready_paths=("/ready",),
+        )
+    if "vllm" in targets:
+        port = free_port()
+        servers["vllm"] = ServerProcess(
+            "vllm",
+            vllm_command(flags, port, args.vllm_cmd),
+            port,
+            log_path=args.out / "vllm.log",
+            env=env,
+            ready_paths=("/health",),
+        )
+    results: dict[str, list[list[dict[str, Any]]]] = {t: [] for t in targets}
+    idle_cpu: dict[str, list[float]] = {name: [] for name in servers}
+    try:
+        for srv in servers.values():
+            srv.start()
+        for srv in servers.values():
+            t0 = time.monotonic()
+            srv.wait_ready(args.ready_timeout)
+            print(
+                f"{srv.name} ready on {srv.base_url} ({time.monotonic() - t0:.0f} s)",
+                file=sys.stderr,
+            )
+        for r in range(args.rounds):
+            order = targets if r % 2 == 0 else targets[::-1]
+            for target in order:
+                print(f"round {r + 1}/{args.rounds}: {target}", file=sys.stderr)
+                out_dir = args.out / f"round{r + 1}" / target
+                if target == "engine":
+                    results[target].append(run_engine_round(args, flags, env, out_dir))
+                    continue
+                srv = servers[target]
+                peers = [s for s in servers.values() if s is not srv]
+                peer_cpu0 = [s.cpu_seconds() for s in peers]
+                t0 = time.monotonic()
+                args.label = f"{target} round {r + 1}"
+                meta, levels, runs = await bench_endpoint(
+                    args, srv.base_url + "/v1", args.served_model_name, None
+                )
+                wall = time.monotonic() - t0
+                for s, c0 in zip(peers, peer_cpu0, strict=True):
+                    idle_cpu[s.name].append((s.cpu_seconds() - c0) / wall)
+                write_outputs(out_dir, meta, levels, runs)
+                print(format_table(levels), file=sys.stderr)
+                results[target].append(levels)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+    mode, levels = sweep(args)
+    report: dict[str, Any] = {
+        "meta": {
+            "model": model,
+            "engine_flags": flags,
+            "env": env,
+            "targets": targets,
+            "rounds": args.rounds,
+            "mode": mode,
+            "levels": levels,
+            "num_requests": args.num_requests,
+            "seed": args.seed,
+            "turns": str(args.turns),
+            "max_tokens": str(args.max_tokens),
+            "ignore_eos": args.ignore_eos,
+            "started_servers": "both at once; one loaded at a time; ABBA order",
+        },
+        "ratios": {
+            "ours_vs_vllm": ratios(results, "ours", "vllm"),
+            "ours_vs_engine": ratios(results, "ours", "engine"),
+            "vllm_vs_engine": ratios(results, "vllm", "engine"),
+        },
+        "absolute": absolute(results),
+        "idle_peer_cpu": {k: statistics.fmean(v) for k, v in idle_cpu.items() if v},
+        "results": results,
+    }
+    return report
+
+
+def _sigterm_to_interrupt(signum: int, frame: object) -> None:
+    # SIGTERM (a CI timeout, kill) then unwinds like Ctrl-C, through the finally that stops
+    # the servers; they run in their own sessions, so nothing else would stop them.
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    try:
+        report = asyncio.run(run_compare(args))
+    except KeyboardInterrupt:
+        print("interrupted; servers stopped", file=sys.stderr)
+        return 130
+    (args.out / "compare.json").write_text(json.dumps(report, indent=2))
+    md = markdown(report)
+    (args.out / "compare.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Start, wait for and stop OpenAI-compatible server processes on loopback ports.
+
+Used by ``loadtest.compare`` and by the test fixtures. Each server runs in its own process group
+so that stopping it also stops anything it spawned (vLLM's engine-core process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def engine_flags(
+    model: str,
+    served_model_name: str,
+    *,
+    max_model_len: int | None = 2048,
+    kv_cache_memory_bytes: int | None = 1 << 30,
+    enforce_eager: bool = True,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The engine flags both servers and the raw engine get, so all three run the same engine."""
+    flags = ["--model", model, "--served-model-name", served_model_name]
+    if max_model_len:
+        flags += ["--max-model-len", str(max_model_len)]
+    if kv_cache_memory_bytes:
+        flags += ["--kv-cache-memory-bytes", str(kv_cache_memory_bytes)]
+    if enforce_eager:
+        flags.append("--enforce-eager")
+    return flags + list(extra)
+
+
+def ours_command(flags: Sequence[str], port: int, base: str | None = None) -> list[str]:
+    """``python -m serve`` (or ``base``) on ``port``."""
+    cmd = shlex.split(base) if base else [sys.executable, "-m", "serve"]
+    return [*cmd, "--host", "127.0.0.1", "--port", str(port), *flags]
+
+
+def vllm_command(flags: Sequence[str], port: int, base: str | None = None) -> list[str]:
+    """vLLM's own OpenAI server (or ``base``) on ``port``."""
+    cmd = (
+        shlex.split(base) if base else [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    )
+    return [*cmd, "--host", "127.0.0.1", "--port", str(port), *flags]
+
+
+class ServerProcess:
+    """One server subprocess; ``with ServerProcess(...) as srv:`` stops it however the block ends.
+
+    ``ready_paths`` are polled in order until one answers 200 (ours has ``/ready``; vLLM's server
+    has ``/health``, which only answers once the engine is up).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        port: int,
+        *,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        ready_paths: Sequence[str] = ("/ready", "/health"),
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.cmd = list(cmd)
+        self.port = port
+        self.log_path = log_path
+        self.env = env
+        self.ready_paths = list(ready_paths)
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(self.env or {})},
+            cwd=self.cwd,
+            start_new_session=True,  # own process group: stop() reaches the engine core too
+        )
+        return self
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def _probe(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(self.base_url + path, timeout=2) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Poll the readiness paths until one answers 200; fail fast if the process exits."""
+        assert self.proc is not None, "start() first"
+        deadline = time.monotonic() + timeout_s
+        delay = 0.1
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with code {self.proc.returncode} before it was ready; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            if any(self._probe(p) for p in self.ready_paths):
+                return
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)  # quick when it is fast, gentle while models load
+        raise TimeoutError(
+            f"{self.name} not ready after {timeout_s:.0f} s; log {self.log_path}:\n"
+            f"{self.log_tail()}"
+        )
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left after ``grace_s``."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        if proc is not None:
+            # The leader may be gone while its children (engine core) still run.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server and its children (needs psutil; 0 without)."""
+        if self.proc is None:
+            return 0.0
+        try:
+            import psutil
+
+            root = psutil.Process(self.proc.pid)
+            total = 0.0
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            return total
+        except Exception:  # a measurement aid only; never fail a run over it
+            return 0.0
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

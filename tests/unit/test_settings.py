@@ -1,0 +1,96 @@
+"""Settings: every setting a flag and an env var, vLLM's engine flags unchanged, loud failures."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.cli import parse_settings
+from serve.settings import Settings, known_cli_flags, known_env_vars
+
+
+def test_flags_win_over_env_and_env_over_defaults() -> None:
+    env = {"AVATAR_PORT": "9001", "AVATAR_API_KEY": "a, b", "AVATAR_MAX_MODEL_LEN": "512",
+           "AVATAR_DTYPE": "float32"}  # fmt: skip
+    s = parse_settings(["--port", "9002", "--max-model-len", "1024"], env)
+    assert s.port == 9002
+    assert s.api_key == ["a", "b"]
+    assert s.engine_args["max_model_len"] == 1024
+    assert s.engine_args["dtype"] == "float32"
+    assert parse_settings([], env).port == 9001
+    assert parse_settings([], {}).port == 8000
+
+
+def test_vllm_serve_command_lines_keep_working() -> None:
+    s = parse_settings(
+        ["--model", "/models/llama", "--served-model-name", "llama", "avatar",
+         "--api-key", "k1", "--api-key", "k2", "--tensor-parallel-size", "2",
+         "--max-num-seqs", "64", "--enforce-eager", "--no-enable-prefix-caching",
+         "--kv-cache-memory-bytes", "1000000", "--gpu-memory-utilization", "0.85"],
+        {},
+    )  # fmt: skip
+    e = s.engine_args
+    assert e["model"] == "/models/llama"
+    assert s.served_model_names == ["llama", "avatar"]
+    assert s.api_key == ["k1", "k2"]
+    assert (e["tensor_parallel_size"], e["max_num_seqs"], e["enforce_eager"]) == (2, 64, True)
+    assert e["enable_prefix_caching"] is False
+    assert (e["kv_cache_memory_bytes"], e["gpu_memory_utilization"]) == (1000000, 0.85)
+
+
+def test_avatar_defaults() -> None:
+    e = parse_settings([], {}).engine_args
+    assert e["enable_prefix_caching"] is True, "every turn resends the conversation prefix"
+    assert e["model"] is None, "no --model serves the demo model"
+
+
+def test_boolean_engine_flags_from_env() -> None:
+    assert (
+        parse_settings([], {"AVATAR_ENABLE_PREFIX_CACHING": "false"}).engine_args[
+            "enable_prefix_caching"
+        ]
+        is False
+    )
+    assert parse_settings([], {"AVATAR_ENFORCE_EAGER": "1"}).engine_args["enforce_eager"] is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [(["--port", "70000"], {}), (["--max-running-requests", "0"], {}),
+     ([], {"AVATAR_PORT": "http"}),
+     (["--queue-timeout", "900", "--max-request-duration", "60"], {})],
+)  # fmt: skip
+def test_invalid_settings_fail_loudly(
+    argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(argv, env)
+    assert exc.value.code == 2
+    assert "invalid settings" in capsys.readouterr().err
+
+
+def test_unknown_flag_fails() -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(["--no-such-flag"], {})
+
+
+def test_every_setting_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(["--help=frontend"], {})
+    assert exc.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name, field in Settings.model_fields.items():
+        if name == "engine_args":
+            continue
+        assert f"--{name.replace('_', '-')}" in help_text
+        assert f"AVATAR_{name.upper()}" in help_text
+        assert field.description
+
+
+def test_known_names_cover_frontend_and_engine() -> None:
+    flags, env = known_cli_flags(), known_env_vars()
+    for flag in ("--model", "--served-model-name", "--host", "--port", "--api-key",
+                 "--max-model-len", "--tensor-parallel-size", "--drain-timeout"):  # fmt: skip
+        assert flag in flags
+    for var in ("AVATAR_MODEL", "AVATAR_PORT", "AVATAR_API_KEY", "AVATAR_MAX_MODEL_LEN",
+                "AVATAR_DRAIN_TIMEOUT", "AVATAR_LOG_LEVEL", "HF_TOKEN"):  # fmt: skip
+        assert var in env
