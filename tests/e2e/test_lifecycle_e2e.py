@@ -1,0 +1,114 @@
+"""Shutdown and failure on real server processes: SIGTERM drains streams in flight and exits 0;
+a dead engine fails in-flight requests and probes, and the process exits non-zero."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.support import metric_value, running_server, wait_until
+
+MODEL = "avatar-demo"
+
+
+def chat(**extra: object) -> dict[str, object]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], **extra}
+
+
+async def read_stream(client: httpx.AsyncClient, url: str, first: asyncio.Event) -> str:
+    body = chat(stream=True, max_tokens=600, ignore_eos=True)
+    parts: list[str] = []
+    async with client.stream("POST", url, json=body) as resp:
+        assert resp.status_code == 200
+        async for chunk in resp.aiter_text():
+            parts.append(chunk)
+            first.set()
+    return "".join(parts)
+
+
+async def test_sigterm_drains_streams_then_exits_zero(tmp_path: Path) -> None:
+    with running_server(tmp_path / "server.log", "--drain-timeout", "60") as server:
+        url = f"{server.base_url}/v1/chat/completions"
+        async with httpx.AsyncClient(timeout=120) as client:
+            firsts = [asyncio.Event() for _ in range(3)]
+            streams = [asyncio.create_task(read_stream(client, url, ev)) for ev in firsts]
+            await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 30)
+            server.proc.send_signal(signal.SIGTERM)
+            sent = time.perf_counter()
+
+            async def not_ready() -> bool:
+                return (await client.get(f"{server.base_url}/ready")).status_code == 503
+
+            async with asyncio.timeout(5):
+                while not await not_ready():
+                    await asyncio.sleep(0.02)
+            ready_failed_after = time.perf_counter() - sent
+            refused = await client.post(url, json=chat(max_tokens=4))
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "draining"
+            texts = await asyncio.gather(*streams)
+        for text in texts:
+            assert text.endswith("data: [DONE]\n\n"), "the stream in flight ran to completion"
+            last = json.loads(text.split("\n\n")[-3].removeprefix("data: "))
+            assert last["choices"][0]["finish_reason"] == "length"
+        code = await asyncio.to_thread(server.proc.wait, 60)
+        assert code == 0
+        drained = re.search(r"drained in ([0-9.]+) s", server.log())
+        assert drained, server.log()[-2000:]
+        print(
+            f"\n/ready failed {ready_failed_after * 1000:.0f} ms after SIGTERM; "
+            f"drain of 3 streams took {drained.group(1)} s"
+        )
+
+
+async def test_dead_engine_fails_requests_and_exits_nonzero(tmp_path: Path) -> None:
+    with running_server(tmp_path / "server.log", "--engine-dead-exit-delay", "3") as server:
+        url = f"{server.base_url}/v1/chat/completions"
+        engine_cores = [
+            p for p in psutil.Process(server.proc.pid).children(recursive=True)
+            if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
+        ]  # fmt: skip
+        assert engine_cores, "the engine core runs in its own process"
+        async with httpx.AsyncClient(timeout=60) as client:
+            first = asyncio.Event()
+            stream = asyncio.create_task(read_stream_allowing_errors(client, url, first))
+            await asyncio.wait_for(first.wait(), 30)
+            for proc in engine_cores:
+                proc.kill()
+            text = await asyncio.wait_for(stream, 30)  # never a hang
+            assert '"code":"engine_dead"' in text or not text.endswith("data: [DONE]\n\n")
+
+            health = await client.get(f"{server.base_url}/health")
+            assert health.status_code == 503
+            assert (await client.get(f"{server.base_url}/ready")).status_code == 503
+            refused = await client.post(url, json=chat(max_tokens=4))
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "engine_dead"
+            metrics = (await client.get(f"{server.base_url}/metrics")).text
+            assert metric_value(metrics, "avatar_engine_alive") == 0
+        code = await asyncio.to_thread(server.proc.wait, 60)
+        assert code == 1, "exits non-zero so that the orchestrator restarts it"
+        wait_until(lambda: not psutil.pid_exists(server.proc.pid), 10)
+
+
+async def read_stream_allowing_errors(
+    client: httpx.AsyncClient, url: str, first: asyncio.Event
+) -> str:
+    parts: list[str] = []
+    try:
+        async with client.stream(
+            "POST", url, json=chat(stream=True, max_tokens=3000, ignore_eos=True)
+        ) as resp:
+            async for chunk in resp.aiter_text():
+                parts.append(chunk)
+                first.set()
+    except httpx.HTTPError:
+        pass  # the connection may end without a final frame; what matters is that it ends
+    return "".join(parts)

@@ -1,0 +1,262 @@
+"""Production behaviour on the real vLLM CPU engine: clients giving up, hostile input, limits,
+access log, a real Prometheus scraping us. Drain and engine death are in their own modules
+because they end their server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from tests.support import (
+    TEST_API_KEY,
+    ServerProcess,
+    free_port,
+    metric_value,
+    running_server,
+    wait_until,
+)
+from tests.unit.test_fuzz import bodies, messages
+
+MODEL = "avatar-demo"
+LONG = {"max_tokens": 3800, "ignore_eos": True}
+
+
+def chat(**extra: object) -> dict[str, object]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Hi there!"}], **extra}
+
+
+def engine_idle(server: ServerProcess) -> bool:
+    text = server.metrics()
+    return (
+        metric_value(text, "avatar_engine_unfinished_requests") == 0
+        and metric_value(text, "avatar_requests_running") == 0
+        and metric_value(text, "avatar_requests_waiting") == 0
+    )
+
+
+async def test_two_hundred_clients_that_give_up(
+    server: ServerProcess, auth_headers: dict[str, str]
+) -> None:
+    """Clients time out before the first token, mid-stream, or while a non-streaming answer is
+    built; each departure aborts its engine request."""
+    gave_up = 0
+
+    async def one(i: int, client: httpx.AsyncClient) -> None:
+        nonlocal gave_up
+        timeout = 0.02 + (i % 10) * 0.03  # 20 ms .. 290 ms
+        body = chat(stream=i % 2 == 0, **LONG)
+        try:
+            async with client.stream(
+                "POST", f"{server.base_url}/v1/chat/completions", json=body,
+                headers=auth_headers, timeout=timeout,
+            ) as resp:  # fmt: skip
+                async for _ in resp.aiter_bytes():
+                    pass
+        except httpx.TimeoutException:
+            gave_up += 1
+
+    limits = httpx.Limits(max_connections=50)
+    async with httpx.AsyncClient(limits=limits) as client:
+        await asyncio.gather(*(one(i, client) for i in range(200)))
+    assert gave_up >= 190, f"only {gave_up} of 200 clients gave up: the test is too lenient"
+    wait_until(lambda: engine_idle(server), timeout=30, what="engine idle after 200 departures")
+    r = httpx.post(
+        f"{server.base_url}/v1/chat/completions", json=chat(max_tokens=5), headers=auth_headers
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
+async def test_abort_reaches_the_engine_quickly(
+    server: ServerProcess, auth_headers: dict[str, str]
+) -> None:
+    async with (
+        httpx.AsyncClient(timeout=30) as client,
+        client.stream(
+            "POST", f"{server.base_url}/v1/chat/completions",
+            json=chat(stream=True, **LONG), headers=auth_headers,
+        ) as resp,
+    ):  # fmt: skip
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                break
+        assert metric_value(server.metrics(), "avatar_engine_unfinished_requests") == 1
+    left = time.perf_counter()
+    wait_until(
+        lambda: metric_value(server.metrics(), "avatar_engine_unfinished_requests") == 0,
+        timeout=10, interval=0.005, what="abort",
+    )  # fmt: skip
+    print(f"\nabort reached the engine {1000 * (time.perf_counter() - left):.1f} ms after close")
+
+
+async def test_hostile_input_leaves_other_requests_alone(
+    server: ServerProcess, auth_headers: dict[str, str]
+) -> None:
+    url = f"{server.base_url}/v1/chat/completions"
+    json_h = {**auth_headers, "content-type": "application/json"}
+    cases: list[tuple[str, dict[str, str], bytes, int]] = [
+        ("oversize body", json_h, b'{"x": "' + b"a" * (5 * 1024 * 1024) + b'"}', 413),
+        ("wrong content type", {**auth_headers, "content-type": "text/plain"}, b"{}", 415),
+        ("non-object JSON", json_h, b"[1, 2, 3]", 400),
+        ("invalid UTF-8", json_h, b'{"model": "\xff\xfe"}', 400),
+        ("wrong type", json_h, json.dumps(chat(max_tokens="ten")).encode(), 400),
+        ("negative max_tokens", json_h, json.dumps(chat(max_tokens=-1)).encode(), 400),
+        ("huge max_tokens", json_h, json.dumps(chat(max_tokens=10**9)).encode(), 400),
+        ("empty messages", json_h, json.dumps({"model": MODEL, "messages": []}).encode(), 400),
+        ("unknown role", json_h,
+         json.dumps({"model": MODEL, "messages": [{"role": "x", "content": "a"}]}).encode(), 400),
+        ("prompt over the window", json_h,
+         json.dumps(chat(messages=[{"role": "user", "content": "zq" * 20000}])).encode(), 400),
+        ("too many stops", json_h, json.dumps(chat(stop=[str(i) for i in range(40)])).encode(), 400),
+        ("no Bearer", {"authorization": TEST_API_KEY, "content-type": "application/json"},
+         json.dumps(chat()).encode(), 401),
+    ]  # fmt: skip
+    async with httpx.AsyncClient(timeout=60) as client:
+        bystander = asyncio.create_task(
+            client.post(
+                url, json=chat(stream=True, max_tokens=1500, ignore_eos=True), headers=auth_headers
+            )
+        )
+        for name, headers, body, status in cases:
+            r = await client.post(url, content=body, headers=headers)
+            assert r.status_code == status, (name, r.status_code, r.text[:300])
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}, name
+        done = await bystander
+    assert done.status_code == 200
+    assert done.text.endswith("data: [DONE]\n\n")
+    last = json.loads(done.text.split("\n\n")[-3].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "length"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=bodies({"messages": messages}))
+def test_fuzz_real_engine_never_500(server: ServerProcess, body: object) -> None:
+    """The same fuzzing as the unit suite, fewer cases, through the real engine's validation."""
+    if isinstance(body, dict) and isinstance(body.get("max_tokens"), int):
+        body["max_tokens"] = min(body["max_tokens"], 64)
+    r = httpx.post(
+        f"{server.base_url}/v1/chat/completions", content=json.dumps(body),
+        headers={"Authorization": f"Bearer {TEST_API_KEY}"}, timeout=60,
+    )  # fmt: skip
+    assert r.status_code in {200, 400, 404, 415}, (r.status_code, r.text[:300])
+
+
+async def test_access_log_has_ids_and_no_secrets(
+    server: ServerProcess, auth_headers: dict[str, str]
+) -> None:
+    secret_prompt = "my-private-words-0451"
+    r = httpx.post(
+        f"{server.base_url}/chat/completions",
+        json=chat(messages=[{"role": "user", "content": secret_prompt}], max_tokens=3),
+        headers={**auth_headers, "X-Request-Id": "trace-abc-123"},
+    )
+    assert r.headers["x-request-id"] == "trace-abc-123"
+
+    def entry() -> dict[str, object] | None:
+        for line in server.log().splitlines():
+            if '"request_id":"trace-abc-123"' in line:
+                return json.loads(line.split("serve.access: ", 1)[1])  # type: ignore[no-any-return]
+        return None
+
+    logged = wait_until(entry, 10, what="access log line")
+    assert logged["status"] == 200 and logged["output_tokens"] == 3
+    assert isinstance(logged["ttft_ms"], float) and isinstance(logged["duration_ms"], float)
+    log_text = server.log()
+    assert TEST_API_KEY not in log_text
+    assert secret_prompt not in log_text
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log_path = tmp_path_factory.mktemp("limited") / "server.log"
+    with running_server(
+        log_path,
+        "--max-running-requests", "2", "--max-waiting-requests", "1",
+        "--queue-timeout", "1", "--max-request-duration", "3",
+    ) as srv:  # fmt: skip
+        yield srv
+
+
+async def test_admission_and_deadline(limited_server: ServerProcess) -> None:
+    url = f"{limited_server.base_url}/v1/chat/completions"
+    async with httpx.AsyncClient(timeout=30) as client:
+        running = [
+            asyncio.create_task(client.post(url, json=chat(stream=True, **LONG))) for _ in range(2)
+        ]
+        # Poll from a thread: the event loop must keep sending the requests meanwhile.
+        await asyncio.to_thread(
+            wait_until,
+            lambda: metric_value(limited_server.metrics(), "avatar_requests_running") == 2, 10,
+        )  # fmt: skip
+        waiting = asyncio.create_task(client.post(url, json=chat(**LONG)))
+        await asyncio.to_thread(
+            wait_until,
+            lambda: metric_value(limited_server.metrics(), "avatar_requests_waiting") == 1, 10,
+        )  # fmt: skip
+        started = time.perf_counter()
+        refused = await client.post(url, json=chat())
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert time.perf_counter() - started < 1.0, "refused at once, not queued"
+        timed_out = await waiting
+        assert timed_out.status_code == 503
+        assert timed_out.json()["error"]["code"] == "queue_timeout"
+        for task in running:
+            r = await task
+            assert r.status_code == 200, "admitted requests are not disturbed by the refusals"
+            assert '"code":"request_timeout"' in r.text, "cut at --max-request-duration"
+            assert r.text.endswith("data: [DONE]\n\n")
+    wait_until(lambda: engine_idle(limited_server), 10, what="engine idle after deadline")
+
+
+def test_prometheus_scrapes_ttft(
+    server: ServerProcess, auth_headers: dict[str, str], tmp_path: Path
+) -> None:
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "the test command installs Debian's prometheus package"
+    for _ in range(3):
+        httpx.post(
+            f"{server.base_url}/v1/chat/completions",
+            json=chat(stream=True, max_tokens=8), headers=auth_headers, timeout=30,
+        )  # fmt: skip
+    target = server.base_url.removeprefix("http://")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: avatar\n    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    query = (
+        "histogram_quantile(0.5, sum by (le) "
+        "(avatar_time_to_first_token_seconds_bucket{job='avatar'}))"
+    )
+    try:
+
+        def ttft_p50() -> float | None:
+            r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query})
+            result = r.json()["data"]["result"]
+            if not result:
+                return None
+            value = float(result[0]["value"][1])
+            return value if value == value else None  # NaN until buckets have counts
+
+        p50 = wait_until(ttft_p50, timeout=60, interval=0.5, what="PromQL TTFT p50")
+        assert 0 < p50 < 5
+        up = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "up"}).json()
+        assert up["data"]["result"][0]["value"][1] == "1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
