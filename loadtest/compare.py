@@ -2,10 +2,12 @@
 
     python -m loadtest.compare --concurrency 1,16,64 --rounds 3 --out results/compare
 
-Both servers start at once on two free loopback ports, with identical engine flags, and stay up
-for the whole comparison; only one of them is under load at any time (an idle server costs
-almost no CPU: the idle one's CPU use is measured and reported). Starting them once instead of
-per round saves minutes of engine start-up on a small machine and keeps both equally warm.
+By default both servers start at once on two free loopback ports, with identical engine flags,
+and stay up for the whole comparison; only one of them is under load at any time (an idle
+server costs almost no CPU: the idle one's CPU use is measured and reported). Starting them
+once instead of per round saves minutes of engine start-up on a small machine and keeps both
+equally warm. ``--sequential`` instead starts each server for its turn only: needed on one GPU
+that cannot hold two engines, and a way to rule out idle-server interference entirely.
 Each round runs the same seeded workload against every target in turn, in ABBA order (rounds
 alternate direction) so slow drift of the machine, such as other jobs on shared cores, does not
 favour one side. The raw engine (``loadtest.engine``, AsyncLLM in process, no HTTP) runs as a
@@ -194,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--targets", default=",".join(TARGETS), help="comma-separated subset of ours,vllm,engine"
     )
     p.add_argument("--rounds", type=int, default=2, help="A/B rounds (default 2)")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="run only one server at a time, started for its turn and stopped after it (for "
+        "one GPU that cannot hold two engines, or to rule out any idle-server interference)",
+    )
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument(
         "--env",
@@ -273,6 +281,17 @@ def run_engine_round(
     return levels
 
 
+def _start_all(servers: list[ServerProcess], timeout_s: float) -> None:
+    for srv in servers:
+        srv.start()
+    for srv in servers:
+        t0 = time.monotonic()
+        srv.wait_ready(timeout_s)
+        print(
+            f"{srv.name} ready on {srv.base_url} ({time.monotonic() - t0:.0f} s)", file=sys.stderr
+        )
+
+
 async def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(targets) - set(TARGETS):
@@ -317,15 +336,8 @@ async def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, list[list[dict[str, Any]]]] = {t: [] for t in targets}
     idle_cpu: dict[str, list[float]] = {name: [] for name in servers}
     try:
-        for srv in servers.values():
-            srv.start()
-        for srv in servers.values():
-            t0 = time.monotonic()
-            srv.wait_ready(args.ready_timeout)
-            print(
-                f"{srv.name} ready on {srv.base_url} ({time.monotonic() - t0:.0f} s)",
-                file=sys.stderr,
-            )
+        if not args.sequential:
+            _start_all(list(servers.values()), args.ready_timeout)
         for r in range(args.rounds):
             order = targets if r % 2 == 0 else targets[::-1]
             for target in order:
@@ -335,7 +347,9 @@ async def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                     results[target].append(run_engine_round(args, flags, env, out_dir))
                     continue
                 srv = servers[target]
-                peers = [s for s in servers.values() if s is not srv]
+                if args.sequential:
+                    _start_all([srv], args.ready_timeout)
+                peers = [s for s in servers.values() if s is not srv and s.proc is not None]
                 peer_cpu0 = [s.cpu_seconds() for s in peers]
                 t0 = time.monotonic()
                 args.label = f"{target} round {r + 1}"
@@ -345,6 +359,8 @@ async def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                 wall = time.monotonic() - t0
                 for s, c0 in zip(peers, peer_cpu0, strict=True):
                     idle_cpu[s.name].append((s.cpu_seconds() - c0) / wall)
+                if args.sequential:
+                    srv.stop()
                 write_outputs(out_dir, meta, levels, runs)
                 print(format_table(levels), file=sys.stderr)
                 results[target].append(levels)
@@ -367,7 +383,12 @@ async def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             "turns": str(args.turns),
             "max_tokens": str(args.max_tokens),
             "ignore_eos": args.ignore_eos,
-            "started_servers": "both at once; one loaded at a time; ABBA order",
+            "servers": (
+                "one at a time, restarted for each turn"
+                if args.sequential
+                else "both up at once, one loaded at a time"
+            ),
+            "order": "ABBA (rounds alternate direction)",
         },
         "ratios": {
             "ours_vs_vllm": ratios(results, "ours", "vllm"),

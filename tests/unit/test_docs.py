@@ -1,0 +1,29 @@
+"""The README documents every setting and every metric the server exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import REGISTRY
+
+from serve.settings import ENV_PREFIX, Settings
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def test_every_setting_is_in_the_readme() -> None:
+    for name in Settings.model_fields:
+        if name == "engine_args":
+            continue
+        assert f"`--{name.replace('_', '-')}`" in README, name
+        assert f"`{ENV_PREFIX}{name.upper()}`" in README, name
+
+
+def test_every_metric_is_in_the_readme() -> None:
+    import serve.telemetry  # noqa: F401  (registers the metrics)
+
+    families = {f.name for f in REGISTRY.collect() if f.name.startswith("avatar_")}
+    assert families
+    for family in families:
+        documented = f"`{family}`" in README or f"`{family}_total`" in README
+        assert documented, family
