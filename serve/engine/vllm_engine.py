@@ -31,10 +31,8 @@ class _SchedulerStatsProbe(StatLoggerBase):
     vLLM's Prometheus logger keeps running beside it, so ``vllm:*`` metrics are unchanged.
     """
 
-    latest_kv_cache_usage: float | None = None
-
-    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-        pass
+    def __init__(self, vllm_config: Any, engine_index: int = 0, sink: list[float] | None = None):
+        self.sink = sink if sink is not None else [0.0]
 
     def record(
         self,
@@ -44,7 +42,7 @@ class _SchedulerStatsProbe(StatLoggerBase):
         engine_idx: int = 0,
     ) -> None:
         if scheduler_stats is not None:
-            type(self).latest_kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+            self.sink[0] = float(scheduler_stats.kv_cache_usage)
 
     def log_engine_initialized(self) -> None:
         pass
@@ -53,8 +51,9 @@ class _SchedulerStatsProbe(StatLoggerBase):
 class VllmEngine:
     """``Engine`` over one in-process ``AsyncLLM`` shared by every request."""
 
-    def __init__(self, llm: AsyncLLM) -> None:
+    def __init__(self, llm: AsyncLLM, kv_cache_usage: list[float]) -> None:
         self._llm = llm
+        self._kv_cache_usage = kv_cache_usage
         self._tokenizer = llm.get_tokenizer()
         self._max_model_len = int(llm.model_config.max_model_len)
 
@@ -62,8 +61,13 @@ class VllmEngine:
     def from_engine_args(cls, engine_args: dict[str, Any]) -> VllmEngine:
         """Start the engine from ``AsyncEngineArgs`` fields (loading the model takes a while)."""
         args = AsyncEngineArgs(**engine_args)
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerStatsProbe])
-        return cls(llm)
+        kv_cache_usage = [0.0]  # written by the probe on each engine step, read at scrape time
+
+        def probe(vllm_config: Any, engine_index: int = 0) -> StatLoggerBase:
+            return _SchedulerStatsProbe(vllm_config, engine_index, kv_cache_usage)
+
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[probe])
+        return cls(llm, kv_cache_usage)
 
     @property
     def max_model_len(self) -> int:
@@ -129,7 +133,7 @@ class VllmEngine:
         return int(self._llm.get_num_unfinished_requests())
 
     def kv_cache_usage(self) -> float | None:
-        return _SchedulerStatsProbe.latest_kv_cache_usage
+        return self._kv_cache_usage[0]
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
