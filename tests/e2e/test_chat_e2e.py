@@ -144,7 +144,7 @@ async def test_models_and_auth(server: ServerProcess) -> None:
 async def test_context_window_and_unknown_model(server: ServerProcess) -> None:
     client = sdk(server)
     with pytest.raises(openai.BadRequestError) as too_long:
-        await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4000)  # type: ignore[arg-type]
+        await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4090)  # type: ignore[arg-type]
     assert too_long.value.code == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):
         await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
