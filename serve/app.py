@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from serve import __version__
 from serve.admission import Admission
@@ -44,7 +46,7 @@ def create_app(
         finally:
             watch.cancel()
 
-    app = FastAPI(
+    app = _App(
         title="avatar-llm-serve",
         version=__version__,
         summary="OpenAI-compatible streaming for real-time avatars",
@@ -66,7 +68,7 @@ def create_app(
     app.include_router(generation.router)
     app.include_router(ops.router)
     install_error_handlers(app)
-    app.add_middleware(
+    app.guard = partial(
         RequestContextMiddleware,
         metrics=METRICS,
         max_body_bytes=settings.max_body_bytes,
@@ -74,6 +76,21 @@ def create_app(
     )
     _hoist_schema_defs(app)
     return app
+
+
+class _App(FastAPI):
+    """FastAPI with the request guard outside every other middleware.
+
+    Outermost, the guard sees the server's own ``send``: it times the first byte where it
+    really leaves, and the stream can write its frames without passing through the framework's
+    send wrappers once per token (they only watch the response start and end).
+    """
+
+    guard: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return self.guard(stack) if self.guard is not None else stack
 
 
 async def _watch_engine(engine: Engine, on_dead: Callable[[], None] | None) -> None:

@@ -120,10 +120,13 @@ class SSEResponse(Response):
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Start and end pass through every layer (they record status and completion); the
+        # frames in between go straight to the server's send, set aside by the request guard.
+        send_frame = scope.get("state", {}).get("server_send", send)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             async for frame in self.frames:
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
+                await send_frame({"type": "http.response.body", "body": frame, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             # The server reports a write to a closed connection this way: the client left.

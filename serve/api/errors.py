@@ -156,4 +156,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, handle)
     app.add_exception_handler(EngineDeadError, handle)
     app.add_exception_handler(EngineInputError, handle)
-    # Any other exception reaches RequestContextMiddleware, which logs it once and answers 500.
+    # Any other exception: the generic 500 body; RequestContextMiddleware logs it once.
+    app.add_exception_handler(Exception, handle)

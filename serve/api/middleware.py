@@ -112,6 +112,7 @@ class RequestContextMiddleware:
 
         record = RequestRecord(endpoint=_endpoint(path), model="", arrival=arrival)
         state["record"] = record
+        state["server_send"] = send
         watcher: asyncio.Task[None] | None = None
         deadline = asyncio.get_running_loop().call_later(
             self.max_request_duration, guard.cancel, "deadline"
@@ -140,6 +141,7 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send)
         except Exception:
+            # The framework has answered with the generic 500 body if it could; log once here.
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if not guard.started:
                 await _send_json(send, 500, to_api_error(RuntimeError()).body())
