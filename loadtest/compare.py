@@ -55,6 +55,7 @@ def metric(summary: dict[str, Any], key: str, stat: str | None) -> float | None:
 
 def spread(values: Sequence[float]) -> dict[str, float]:
     return {
+        "median": statistics.median(values),
         "mean": statistics.fmean(values),
         "min": min(values),
         "max": max(values),
@@ -105,9 +106,10 @@ def absolute(results: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]:
 def _cell(s: dict[str, float] | None) -> str:
     if not s:
         return "-"
+    # The median, not the mean: on shared cores one disturbed round must not move the figure.
     if s["n"] == 1:
-        return f"{s['mean']:.2f}"
-    return f"{s['mean']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+        return f"{s['median']:.2f}"
+    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -124,7 +126,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"## {title}",
             "",
-            "Ratio per round, mean (min-max) over rounds. Latency: below 1 is better; "
+            "Ratio per round, median (min-max) over rounds. Latency: below 1 is better; "
             "tok/s: above 1 is better.",
             "",
             "| level | " + " | ".join(labels) + " |",
@@ -136,7 +138,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "## Absolute values",
         "",
-        "Mean (min-max) over rounds; latencies in ms.",
+        "Median (min-max) over rounds; latencies in ms.",
         "",
         "| target | level | " + " | ".join(labels) + " |",
         "|---" * (len(labels) + 2) + "|",
@@ -155,6 +157,48 @@ def markdown(report: dict[str, Any]) -> str:
             + ", ".join(f"{k} {v:.1%}" for k, v in report["idle_peer_cpu"].items()),
         ]
     return "\n".join(lines) + "\n"
+
+
+def plot_compare(report: dict[str, Any], path: Path) -> None:
+    """TTFT p50/p99, ITL p99 and output tok/s vs level per target; bars span the rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("TTFT p50", "TTFT p50 (ms)"),
+        ("TTFT p99", "TTFT p99 (ms)"),
+        ("ITL p99", "ITL p99 (ms)"),
+        ("output tok/s", "output tokens/s"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.4), dpi=80)
+    for ax, (label, ylabel) in zip(axes, panels, strict=True):
+        for target, per_level in report["absolute"].items():
+            levels = sorted(per_level, key=float)
+            pts = [(float(lv), per_level[lv][label]) for lv in levels if label in per_level[lv]]
+            if not pts:
+                continue
+            xs = [x for x, _ in pts]
+            med = [s["median"] for _, s in pts]
+            err = [
+                [m - s["min"] for m, (_, s) in zip(med, pts, strict=True)],
+                [s["max"] - m for m, (_, s) in zip(med, pts, strict=True)],
+            ]
+            ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=target)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
+        if label != "output tok/s":
+            ax.set_yscale("log")
+        ax.set_xlabel(report["meta"]["mode"])
+        ax.set_title(ylabel, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"median over {report['meta']['rounds']} rounds; bars: min-max", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -419,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "compare.json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
     (args.out / "compare.md").write_text(md)
+    plot_compare(report, args.out / "compare.png")
     print(md)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import sys
 import time
@@ -64,6 +65,9 @@ class ClientMonitor:
                 await self._task
         lags = np.array(self._lags or [0.0]) * 1000.0
         return {
+            # The machine's 1-minute load average at the end: above the core count, other work
+            # competed with the server for CPU and the latencies are inflated by it.
+            "loadavg_1m": os.getloadavg()[0],
             "cpu_fraction": cpu / wall if wall > 0 else 0.0,
             "loop_lag_p99_ms": float(np.percentile(lags, 99)),
             "loop_lag_max_ms": float(lags.max()),
@@ -88,6 +92,12 @@ def client_warnings(client: dict[str, Any]) -> list[str]:
         warnings.append(
             f"client event-loop lag p99 {client['loop_lag_p99_ms']:.1f} ms ({cause}): chunk "
             "timestamps are late by up to about that much"
+        )
+    cores = os.cpu_count() or 1
+    if client.get("loadavg_1m", 0.0) > cores + 1:
+        warnings.append(
+            f"machine load average {client['loadavg_1m']:.1f} on {cores} cores: other processes "
+            "competed for the CPU during this level; treat its latencies as inflated"
         )
     return warnings
 

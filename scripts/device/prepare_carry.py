@@ -183,12 +183,9 @@ def split_items(files: Sequence[tuple[str, int]], budget: int) -> list[Item]:
         if size <= budget:
             items.append(Item(name, size, name))
             continue
-        n = -(-size // budget)
-        # Equal parts rather than full ones plus a crumb: they pack better with small wheels.
-        part = -(-size // n)
-        for k in range(n):
-            off = k * part
-            items.append(Item(f"{name}.part{k:03d}", min(part, size - off), name, off))
+        # Full parts fill a call each; only the remainder shares a call with small wheels.
+        for k, off in enumerate(range(0, size, budget)):
+            items.append(Item(f"{name}.part{k:03d}", min(budget, size - off), name, off))
     return items
 
 

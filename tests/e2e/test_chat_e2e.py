@@ -224,8 +224,13 @@ def _access_entry(server: ServerProcess, request_id: str) -> dict[str, object] |
 async def test_metrics_export_ours_and_vllms(server: ServerProcess) -> None:
     await sdk(server).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)  # type: ignore[arg-type]
     text = server.metrics()
-    for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc",
-                 "vllm:time_to_first_token_seconds_bucket", "avatar_kv_cache_usage_ratio"):  # fmt: skip
+    names = (
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds_bucket",
+        "avatar_kv_cache_usage_ratio",
+    )
+    for name in names:
         assert any(line.startswith(name) for line in text.splitlines()), name
     assert metric_value(text, "avatar_time_to_first_token_seconds_count", endpoint="chat") >= 1
     assert metric_value(text, "avatar_engine_alive") == 1

@@ -115,7 +115,8 @@ async def test_hostile_input_leaves_other_requests_alone(
          json.dumps({"model": MODEL, "messages": [{"role": "x", "content": "a"}]}).encode(), 400),
         ("prompt over the window", json_h,
          json.dumps(chat(messages=[{"role": "user", "content": "zq" * 20000}])).encode(), 400),
-        ("too many stops", json_h, json.dumps(chat(stop=[str(i) for i in range(40)])).encode(), 400),
+        ("too many stops", json_h,
+         json.dumps(chat(stop=[str(i) for i in range(40)])).encode(), 400),
         ("no Bearer", {"authorization": TEST_API_KEY, "content-type": "application/json"},
          json.dumps(chat()).encode(), 401),
     ]  # fmt: skip

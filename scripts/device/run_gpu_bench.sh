@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# GPU benchmark of our server against vLLM's own OpenAI server, on the device machine.
+#
+#   bash scripts/device/run_gpu_bench.sh --stage-only   # calls 1..N-1: keep this call's wheels
+#   bash scripts/device/run_gpu_bench.sh                # last call: install, build model, bench
+#   bash scripts/device/run_gpu_bench.sh --dry-run      # here, on the CPU: demo model, tiny load
+#
+# The call plan (which .device-carry/cN each call carries) comes from
+# scripts/device/prepare_carry.py; see docs/gpu-benchmark.md. Results go under $OUT (at most 8
+# files come back) and a short table is the last thing printed. Safe to rerun on a warm machine:
+# staged wheels, the install and the model are reused.
+#
+# Environment: OUT (results; default ./gpu-bench-out), BENCH_LAYERS (model depth, default 32),
+# BENCH_DURATION (seconds per load level, default 20), BENCH_MODEL_DIR (use this model as is),
+# BENCH_ENGINE_EXTRA (more engine flags for both servers), DRY_RUN=1 (same as --dry-run).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+t0=$(date +%s)
+
+mode=full
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) mode=dry ;;
+    --stage-only) mode=stage ;;
+    *) echo "unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
+[ "${DRY_RUN:-0}" = 1 ] && mode=dry
+
+OUT="${OUT:-$root/gpu-bench-out}"
+mkdir -p "$OUT"
+stage_dir=/tmp/avatar-carry
+site_dir=/tmp/avatar-site
+# Nothing can be fetched there; keep every library from trying (and vLLM from phoning home).
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+export PYTHONUNBUFFERED=1
+
+if [ "$mode" = dry ]; then
+  # The local .venv (vLLM's CPU build) instead of carried wheels; the tiny demo model; a load
+  # small enough for two shared cores. It checks the plumbing, not the numbers.
+  py="$root/.venv/bin/python"
+  model="${BENCH_MODEL_DIR:-/tmp/avatar-dry-run/model}"
+  if [ -z "${BENCH_MODEL_DIR:-}" ] && [ ! -f "$model/DEMO_MODEL_VERSION" ]; then
+    "$py" -m serve.demo_model "$model" >/dev/null
+  fi
+  exec "$py" scripts/device/gpu_bench.py bench --model "$model" --out "$OUT" \
+    --work /tmp/avatar-dry-run/work --python "$py" --max-model-len 2048 \
+    --kv-cache-memory-bytes 268435456 --enforce-eager --budget-s 330 \
+    --engine-extra "${BENCH_ENGINE_EXTRA:-}" \
+    --bench-args "--concurrency 1,2 --num-requests 4 --warmup 1 --turns 1:2 --max-tokens 8:16 \
+--ignore-eos"
+fi
+
+py=python3
+"$py" scripts/device/gpu_bench.py stage --stage-dir "$stage_dir"
+if [ "$mode" = stage ]; then
+  exit 0
+fi
+
+echo "== device"
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader || true
+"$py" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__,
+  "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
+
+echo "== install"
+"$py" scripts/device/gpu_bench.py install --stage-dir "$stage_dir" --site-dir "$site_dir"
+# Carried packages first, then the repository (serve, loadtest); the image's torch stays.
+export PYTHONPATH="$site_dir:$root${PYTHONPATH:+:$PYTHONPATH}"
+"$py" -c 'import vllm, fastapi, pydantic, transformers, triton
+print("vllm", vllm.__version__, "fastapi", fastapi.__version__, "pydantic", pydantic.__version__,
+      "transformers", transformers.__version__, "triton", triton.__version__)'
+
+echo "== model"
+model="${BENCH_MODEL_DIR:-/tmp/avatar-bench-model}"
+if [ -z "${BENCH_MODEL_DIR:-}" ]; then
+  "$py" scripts/device/gpu_bench.py model "$model" --layers "${BENCH_LAYERS:-32}"
+fi
+
+echo "== bench ($(( $(date +%s) - t0 )) s so far)"
+# Both servers get identical engine flags (CUDA graphs and torch.compile on: the defaults).
+# The budget keeps the whole call inside the tool's 10 minutes, with time to pack results.
+budget=$(( 560 - ($(date +%s) - t0) ))
+dur="${BENCH_DURATION:-20}"
+"$py" scripts/device/gpu_bench.py bench --model "$model" --out "$OUT" --work /tmp/avatar-bench \
+  --python "$py" --max-model-len 4096 --budget-s "$budget" \
+  --engine-extra "--gpu-memory-utilization 0.85 ${BENCH_ENGINE_EXTRA:-}" \
+  --bench-args "--concurrency 1,16,64 --duration $dur --warmup 4 --ignore-eos"

@@ -1,0 +1,171 @@
+"""The GPU-benchmark kit (scripts/device/) without a GPU.
+
+Fast tests: the carry planner's splitting and packing, the manifest round trip from
+``prepare_carry.write_calls`` through the device side's ``stage`` and ``assemble`` on fake
+wheels, and the benchmark model's tokenizer padding on a tiny CPU build. The dry run
+(``run_gpu_bench.sh --dry-run``: both servers on the CPU engine with the demo model) is an e2e
+test, about 1-2 minutes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MIB = 1024 * 1024
+
+
+def _load(name: str) -> ModuleType:
+    # scripts/ is not a package: load the modules by path.
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "device" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare = _load("prepare_carry")
+gpu_bench = _load("gpu_bench")
+
+
+def test_budget_leaves_room_for_the_tree() -> None:
+    assert prepare.per_call_budget(1 * MIB, 2 * MIB) == 61 * MIB
+    with pytest.raises(ValueError):
+        prepare.per_call_budget(63 * MIB + 1, 0)
+
+
+def test_split_cuts_only_large_files_into_full_parts_and_a_rest() -> None:
+    items = prepare.split_items([("big.whl", 250), ("small.whl", 40)], budget=100)
+    big = [i for i in items if i.source == "big.whl"]
+    assert [i.name for i in big] == ["big.whl.part000", "big.whl.part001", "big.whl.part002"]
+    assert [i.size for i in big] == [100, 100, 50]
+    assert [i.offset for i in big] == [0, 100, 200]
+    assert sum(i.size for i in big) == 250
+    small = [i for i in items if i.source == "small.whl"]
+    assert small == [prepare.Item("small.whl", 40, "small.whl")]
+
+
+def test_pack_respects_the_budget_and_keeps_every_item() -> None:
+    rng = random.Random(1)
+    files = [(f"w{k}.whl", rng.randint(1, 300)) for k in range(40)]
+    items = prepare.split_items(files, budget=100)
+    calls = prepare.pack_calls(items, budget=100)
+    assert all(c.size <= 100 for c in calls)
+    packed = sorted(i.name for c in calls for i in c.items)
+    assert packed == sorted(i.name for i in items)
+    # First-fit decreasing is never worse than 11/9 OPT + 1; OPT >= total / budget.
+    total = sum(size for _, size in files)
+    assert len(calls) <= 11 / 9 * -(-total // 100) + 1
+
+
+def test_plan_names_one_folder_per_call_and_benches_last() -> None:
+    calls = prepare.pack_calls(prepare.split_items([("a.whl", 150), ("b.whl", 30)], 100), 100)
+    lines = prepare.plan_lines(calls, budget=100, tree_bytes=10)
+    runs = [line for line in lines if line.startswith("call ")]
+    assert len(runs) == len(calls) == 2
+    assert '.device-carry/c1"' in runs[0] and "--stage-only" in runs[0]
+    assert '.device-carry/c2"' in runs[1] and "--stage-only" not in runs[1]
+
+
+def test_manifest_round_trip_reassembles_identical_wheels(tmp_path: Path) -> None:
+    rng = random.Random(2)
+    src = tmp_path / "src"
+    src.mkdir()
+    wheels = {}
+    for name, size in (("big", 2500), ("mid", 700), ("tiny", 30)):
+        p = src / f"{name}-1.0-py3-none-any.whl"
+        p.write_bytes(rng.randbytes(size))
+        wheels[name] = p
+    files = sorted((p.name, p.stat().st_size) for p in wheels.values())
+    calls = prepare.pack_calls(prepare.split_items(files, 1000), 1000)
+    carry = tmp_path / "carry"
+    prepare.write_calls(carry, calls, wheels)
+    prepare.write_calls(carry, calls, wheels)  # idempotent
+    stage_dir = tmp_path / "stage"
+
+    # One folder per call, as the device sees them arrive; the last one completes the set.
+    dirs = sorted(carry.glob("c*"))
+    assert len(dirs) == len(calls) >= 3
+    for k, _ in enumerate(dirs, 1):
+        visible = tmp_path / f"visible{k}"
+        visible.mkdir()
+        (visible / f"c{k}").symlink_to(carry / f"c{k}")
+        missing = gpu_bench.stage(stage_dir, visible)
+        assert len(missing) == len(dirs) - k
+    out = gpu_bench.assemble(stage_dir)
+    assert sorted(p.name for p in out) == sorted(p.name for p in wheels.values())
+    for p in out:
+        assert p.read_bytes() == (src / p.name).read_bytes()
+
+
+def test_damaged_part_is_refused(tmp_path: Path) -> None:
+    whl = tmp_path / "x-1.0-py3-none-any.whl"
+    whl.write_bytes(b"a" * 300)
+    calls = prepare.pack_calls(prepare.split_items([(whl.name, 300)], 200), 200)
+    carry = tmp_path / "carry"
+    prepare.write_calls(carry, calls, {"x": whl})
+    part = next(carry.glob("c1/*.part*"))
+    part.write_bytes(b"b" * part.stat().st_size)
+    with pytest.raises(SystemExit, match="checksum"):
+        gpu_bench.stage(tmp_path / "stage", carry)
+
+
+def test_tiny_bench_model_tokenizer_covers_the_model_vocab(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from transformers import AutoTokenizer
+
+    shape = dict(gpu_bench.LLAMA_8B) | {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 2048,
+    }
+    model = gpu_bench.build_model(tmp_path / "m", layers=1, device="cpu", shape=shape)
+    config = json.loads((model / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(model))
+    assert len(tok) == config["vocab_size"] == 2048
+    # Every id the model can sample decodes to visible text; prompts still use the BPE merges.
+    assert tok.decode([2047]).strip()
+    assert all(i < 1100 for i in tok.encode("Hello, how are you today?", add_special_tokens=False))
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" in index["weight_map"]
+
+
+@pytest.mark.e2e
+def test_dry_run_writes_results_and_prints_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out)}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "device" / "run_gpu_bench.sh"), "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("ours", "vllm"):
+        for fname in ("results.json", "summary.csv", "latency_throughput.png"):
+            assert (out / name / fname).is_file(), f"{name}/{fname}"
+        levels = json.loads((out / name / "results.json").read_text())["levels"]
+        assert [lv["level"] for lv in levels] == [1, 2]
+        assert all(lv["summary"]["completed"] == 4 for lv in levels)
+    assert (out / "summary.md").is_file() and (out / "bench-all.tar.gz").is_file()
+    # The device tool brings back at most 8 files, at most 2 folders down.
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8
+    assert all(len(p.relative_to(out).parts) <= 3 for p in files)
+    last = proc.stdout.strip().splitlines()[-7:]
+    assert last[0].split()[:2] == ["srv", "conc"], last
+    assert any(line.startswith("ours/vllm conc 2:") for line in last), last
