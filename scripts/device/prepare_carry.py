@@ -47,8 +47,8 @@ VLLM_VERSION = "0.26.0"
 # `uv pip compile vllm==0.26.0` resolves for cp312 manylinux_2_28 x86_64 (with the image's own
 # packages overridden away); found by tracing the imports of our server, vLLM's OpenAI server,
 # AsyncLLM, the GPU worker/model runner, the Llama model and the FlashAttention backend.
-# The 54 other packages of vLLM's closure (flashinfer, tilelang, cutlass-dsl, nvcc, z3,
-# torchcodec, video codecs, structured-output extras, MCP, Anthropic...: 740 MiB) are imported
+# The 53 other packages of vLLM's closure (flashinfer, tilelang, cutlass-dsl, nvcc, z3,
+# torchcodec, video codecs, structured-output extras, MCP, Anthropic...: 549 MiB) are imported
 # lazily by features the benchmark does not use; see docs/gpu-benchmark.md.
 PINS: tuple[tuple[str, str], ...] = (
     ("vllm", VLLM_VERSION),
@@ -90,6 +90,11 @@ PINS: tuple[tuple[str, str], ...] = (
     ("orjson", "3.13.0"),  # our server's own dependency
     ("partial-json-parser", "0.2.1.1.post7"),
     ("prometheus-fastapi-instrumentator", "8.1.0"),
+    # The image has these, at versions not read yet: pydantic 2.14 needs typing-extensions
+    # >= 4.16 and googleapis-common-protos' generated code protobuf >= 6.33.5 (an older runtime
+    # refuses it at import). Tiny, and first on PYTHONPATH, so they shadow the image's.
+    ("protobuf", "6.33.6"),
+    ("typing-extensions", "4.16.0"),
     ("pybase64", "1.5.1"),
     ("pycountry", "26.2.16"),
     ("pydantic", "2.14.4"),

@@ -10,9 +10,10 @@
 # files come back) and a short table is the last thing printed. Safe to rerun on a warm machine:
 # staged wheels, the install and the model are reused.
 #
-# Environment: OUT (results; default ./gpu-bench-out), BENCH_LAYERS (model depth, default 32),
-# BENCH_DURATION (seconds per load level, default 20), BENCH_MODEL_DIR (use this model as is),
-# BENCH_ENGINE_EXTRA (more engine flags for both servers), DRY_RUN=1 (same as --dry-run).
+# Environment: OUT (results; default /tmp/avatar-gpu-bench-out), BENCH_LAYERS (model depth,
+# default 32), BENCH_DURATION (seconds per load level, default 20), BENCH_MODEL_DIR (use this
+# model as is), BENCH_ENGINE_EXTRA (more engine flags for both servers), DRY_RUN=1 (same as
+# --dry-run).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -28,7 +29,7 @@ for arg in "$@"; do
 done
 [ "${DRY_RUN:-0}" = 1 ] && mode=dry
 
-OUT="${OUT:-$root/gpu-bench-out}"
+OUT="${OUT:-/tmp/avatar-gpu-bench-out}"
 mkdir -p "$OUT"
 stage_dir=/tmp/avatar-carry
 site_dir=/tmp/avatar-site

@@ -130,7 +130,9 @@ class VllmEngine:
             await self._llm.abort(request_id)
 
     def num_unfinished_requests(self) -> int:
-        return int(self._llm.get_num_unfinished_requests())
+        # AsyncLLM.get_num_unfinished_requests() is new in recent releases; the output
+        # processor's count is what it returns, and exists in older releases too.
+        return int(self._llm.output_processor.get_num_unfinished_requests())
 
     def kv_cache_usage(self) -> float | None:
         return self._kv_cache_usage[0]
