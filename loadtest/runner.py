@@ -93,8 +93,10 @@ def client_warnings(client: dict[str, Any]) -> list[str]:
             f"client event-loop lag p99 {client['loop_lag_p99_ms']:.1f} ms ({cause}): chunk "
             "timestamps are late by up to about that much"
         )
+    # The load average also counts the server's own busy threads (engine core, API server,
+    # client), about one per core under load; twice the cores means someone else was busy too.
     cores = os.cpu_count() or 1
-    if client.get("loadavg_1m", 0.0) > cores + 1:
+    if client.get("loadavg_1m", 0.0) > 2 * cores:
         warnings.append(
             f"machine load average {client['loadavg_1m']:.1f} on {cores} cores: other processes "
             "competed for the CPU during this level; treat its latencies as inflated"

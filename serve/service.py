@@ -164,6 +164,7 @@ class GenerationService:
         real status (400, 503) instead of a 200 with an error frame; the first frame then goes
         out with the headers, so this costs no time to first token.
         """
+        record.queued = time.perf_counter()
         await self._admission.acquire()
         record.admitted = time.perf_counter()
         stream = self._engine.generate(p.prompt_ids, p.options, p.request_id)

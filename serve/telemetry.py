@@ -179,6 +179,7 @@ class RequestRecord:
     endpoint: str
     model: str
     arrival: float
+    queued: float | None = None  # validated and asking for an engine slot
     admitted: float | None = None
     first_token: float | None = None
     first_sentence: float | None = None
@@ -214,10 +215,11 @@ class RequestRecord:
             for gap in self.gaps:
                 itl.observe(gap)
         metrics.e2e.labels(*labels).observe(now - self.arrival)
+        if self.queued is not None:
+            # A request refused after waiting (queue timeout, client gone) waited too.
+            waited = (self.admitted or now) - self.queued
+            metrics.queue_wait.labels(self.endpoint, self.model).observe(waited)
         if self.admitted is not None:
-            metrics.queue_wait.labels(self.endpoint, self.model).observe(
-                self.admitted - self.arrival
-            )
             metrics.prompt_tokens_hist.labels(*labels).observe(self.prompt_tokens)
             metrics.output_tokens_hist.labels(*labels).observe(self.output_tokens)
             metrics.prompt_tokens.inc(self.prompt_tokens)
