@@ -21,6 +21,19 @@ from pathlib import Path
 from typing import IO
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies.
+
+    The server runs in its own session, so a parent killed without running its cleanup (pytest
+    or compare hit by SIGKILL or a CI timeout) would otherwise leave it, and its engine, running.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port() -> int:
     """A TCP port that is free on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -96,7 +109,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")  # append: --sequential restarts keep earlier logs
         self.proc = subprocess.Popen(
             self.cmd,
             stdout=self._log,
@@ -104,6 +117,7 @@ class ServerProcess:
             env={**os.environ, **(self.env or {})},
             cwd=self.cwd,
             start_new_session=True,  # own process group: stop() reaches the engine core too
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         return self
 
