@@ -38,7 +38,9 @@ class BearerAuth:
             raise unauthorized("Incorrect API key provided.")
 
 
-def require_api_key(request: Request) -> None:
+# Dependencies are async on purpose: FastAPI runs a plain `def` dependency in a worker thread,
+# a thread hop per request before the first token.
+async def require_api_key(request: Request) -> None:
     auth: BearerAuth = request.app.state.auth
     auth.check(request.headers.get("authorization"))
 

@@ -17,7 +17,8 @@ from serve.telemetry import RequestRecord
 router = APIRouter()
 
 
-def get_service(request: Request) -> GenerationService:
+async def get_service(request: Request) -> GenerationService:
+    # async: a plain `def` dependency would cost a worker-thread hop per request.
     service: GenerationService = request.app.state.service
     return service
 
