@@ -21,8 +21,7 @@ SERVED_NAME = "avatar-demo"
 
 
 def _needs_engine() -> None:
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed")
+    assert importlib.util.find_spec("vllm") is not None, "the set-up installs the vLLM engine"
 
 
 @pytest.fixture(scope="session")
