@@ -23,7 +23,7 @@ def chat(**extra: object) -> dict[str, object]:
 
 
 async def read_stream(client: httpx.AsyncClient, url: str, first: asyncio.Event) -> str:
-    body = chat(stream=True, max_tokens=600, ignore_eos=True)
+    body = chat(stream=True, max_tokens=1500, ignore_eos=True)
     parts: list[str] = []
     async with client.stream("POST", url, json=body) as resp:
         assert resp.status_code == 200
