@@ -8,8 +8,6 @@ During a drain every new request gets 503.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from serve.api.errors import overloaded, unavailable
 from serve.telemetry import Metrics
@@ -64,14 +62,6 @@ class Admission:
     def release(self) -> None:
         self._slots.release()
         self._set(running=-1)
-
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        await self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
 
     def _set(self, running: int = 0, waiting: int = 0) -> None:
         self.running += running

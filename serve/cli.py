@@ -89,15 +89,6 @@ def _engine_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     ]
 
 
-def _long_flag(action: argparse.Action) -> str:
-    natural = "--" + action.dest.replace("_", "-")
-    if natural in action.option_strings:
-        return natural
-    return next(
-        o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")
-    )
-
-
 def engine_env_vars() -> set[str]:
     return {ENV_PREFIX + a.dest.upper() for a in _engine_actions(build_parser())}
 

@@ -7,7 +7,6 @@ every client sees the same shape whatever went wrong. Messages never carry inter
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import orjson
@@ -18,8 +17,6 @@ from starlette.responses import Response
 
 from serve.engine.base import EngineDeadError, EngineInputError
 from serve.telemetry import METRICS
-
-log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
