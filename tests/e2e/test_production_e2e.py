@@ -49,26 +49,48 @@ async def test_two_hundred_clients_that_give_up(
     """Clients time out before the first token, mid-stream, or while a non-streaming answer is
     built; each departure aborts its engine request."""
     gave_up = 0
+    before = server.metrics()
 
     async def one(i: int, client: httpx.AsyncClient) -> None:
         nonlocal gave_up
-        timeout = 0.02 + (i % 10) * 0.03  # 20 ms .. 290 ms
+        deadline = 0.02 + (i % 10) * 0.03  # the client's whole budget: 20 ms .. 290 ms
         body = chat(stream=i % 2 == 0, **LONG)
         try:
-            async with client.stream(
-                "POST", f"{server.base_url}/v1/chat/completions", json=body,
-                headers=auth_headers, timeout=timeout,
-            ) as resp:  # fmt: skip
+            # The budget starts once a connection slot is free, so every request reaches
+            # the server before its client gives up.
+            async with (
+                slots,
+                asyncio.timeout(deadline),
+                client.stream(
+                    "POST", f"{server.base_url}/v1/chat/completions", json=body,
+                    headers=auth_headers,
+                ) as resp,
+            ):  # fmt: skip
                 async for _ in resp.aiter_bytes():
                     pass
-        except httpx.TimeoutException:
+        except TimeoutError:
             gave_up += 1
 
+    slots = asyncio.Semaphore(50)
     limits = httpx.Limits(max_connections=50)
-    async with httpx.AsyncClient(limits=limits) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
         await asyncio.gather(*(one(i, client) for i in range(200)))
-    assert gave_up >= 190, f"only {gave_up} of 200 clients gave up: the test is too lenient"
+    # Each answer is 3,800 tokens long (seconds): no client can finish within its budget.
+    assert gave_up == 200
     wait_until(lambda: engine_idle(server), timeout=30, what="engine idle after 200 departures")
+    after = server.metrics()
+
+    def grew(name: str, **labels: str) -> float:
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
+
+    # A client with a 20 ms budget may leave before its request is even read: the server never
+    # sees it. Every request the server did see ended as a departure (499, abort).
+    seen = grew("avatar_requests_total", endpoint="chat")
+    assert seen >= 150, f"only {seen} requests reached the server"
+    assert (
+        grew("avatar_requests_total", endpoint="chat", status="499", finish_reason="abort") == seen
+    )
+    assert grew("avatar_client_disconnects_total") == seen
     r = httpx.post(
         f"{server.base_url}/v1/chat/completions", json=chat(max_tokens=5), headers=auth_headers
     )
