@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.client import ChatClient, list_models
-from loadtest.report import format_table, level_results, write_outputs
+from loadtest.report import emit, level_results
 from loadtest.runner import LevelRun, SendFn, run_level
 from loadtest.stats import Slo
 from loadtest.workload import ChatRequest, IntRange, build_workload
@@ -245,11 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     meta, levels, runs = asyncio.run(bench_endpoint(args, args.base_url, args.model, args.api_key))
-    print(format_table(levels))
-    if args.out:
-        paths = write_outputs(args.out, meta, levels, runs, plots=not args.no_plots)
-        print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    return 1 if any(lv["summary"]["completed"] == 0 for lv in levels) else 0
+    return emit(meta, levels, runs, args.out, plots=not args.no_plots)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any
 
 from loadtest.bench import add_load_args, add_workload_args, run_levels, run_meta
 from loadtest.records import RequestRecord, TokenEvent, build_record
-from loadtest.report import format_table, level_results, write_outputs
+from loadtest.report import emit, level_results
 from loadtest.stats import Slo
 from loadtest.workload import ChatRequest
 
@@ -145,11 +145,7 @@ async def run(
 def main(argv: Sequence[str] | None = None) -> int:
     args, engine_argv = build_parser().parse_known_args(argv)
     meta, levels, runs = asyncio.run(run(args, engine_argv))
-    print(format_table(levels))
-    if args.out:
-        paths = write_outputs(args.out, meta, levels, runs, plots=not args.no_plots)
-        print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    return 1 if any(lv["summary"]["completed"] == 0 for lv in levels) else 0
+    return emit(meta, levels, runs, args.out, plots=not args.no_plots)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -221,3 +222,19 @@ def write_plots(
     fig.savefig(paths["load_png"])
     plt.close(fig)
     return paths
+
+
+def emit(
+    meta: dict[str, Any],
+    levels: Sequence[dict[str, Any]],
+    runs: Sequence[LevelRun],
+    out: Path | None,
+    plots: bool,
+) -> int:
+    """Print the table, write the files when asked, and return the CLI's exit status
+    (1 when some level completed no request)."""
+    print(format_table(levels))
+    if out:
+        paths = write_outputs(out, meta, levels, runs, plots=plots)
+        print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return 1 if any(lv["summary"]["completed"] == 0 for lv in levels) else 0

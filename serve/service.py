@@ -185,6 +185,8 @@ class GenerationService:
         except BaseException:
             await close()
             raise
+        if first.num_prompt_tokens is not None:
+            record.prompt_tokens = first.num_prompt_tokens  # the engine's count is the truth
         if p.stream:
             return SSEResponse(self._frames(p, first, stream, record), close)
         try:
@@ -200,15 +202,11 @@ class GenerationService:
         on_text = record.on_text
         clock = time.perf_counter
         first = True
-        if delta.num_prompt_tokens is not None:
-            record.prompt_tokens = delta.num_prompt_tokens
         try:
             while True:
                 reason = delta.finish_reason
                 if reason == "abort":
-                    raise APIError(
-                        503, "The generation was aborted.", type="server_error", code="aborted"
-                    )
+                    raise _aborted()
                 if delta.text or reason is not None:
                     yield frame(delta.text, first, reason)
                     # After the yield the frame has been handed to the socket: that is the
@@ -237,8 +235,6 @@ class GenerationService:
     ) -> bytes:
         parts: list[str] = []
         clock = time.perf_counter
-        if delta.num_prompt_tokens is not None:
-            record.prompt_tokens = delta.num_prompt_tokens
         while True:
             record.on_text(delta.text, delta.num_tokens, clock())
             parts.append(delta.text)
@@ -246,8 +242,13 @@ class GenerationService:
                 break
             delta = await anext(stream)
         if delta.finish_reason == "abort":
-            raise APIError(503, "The generation was aborted.", type="server_error", code="aborted")
+            raise _aborted()
         record.finish_reason = delta.finish_reason
         return p.format.completion_body(
             "".join(parts), delta.finish_reason, record.prompt_tokens, record.output_tokens
         )
+
+
+def _aborted() -> APIError:
+    """The engine ended a request we did not end (it reports "abort"): not a normal finish."""
+    return APIError(503, "The generation was aborted.", type="server_error", code="aborted")

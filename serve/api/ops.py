@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from serve.api.auth import Authenticated
-from serve.api.errors import error_body
+from serve.api.errors import error_response, unavailable
 from serve.telemetry import render_latest
 
 router = APIRouter()
@@ -30,12 +30,7 @@ async def list_models(request: Request, _: Authenticated) -> JSONResponse:
 async def health(request: Request) -> Response:
     """Liveness: the engine is alive. Fails once it has died, so the orchestrator restarts us."""
     if not request.app.state.engine.is_alive:
-        return JSONResponse(
-            error_body(
-                "The engine is not running.", "service_unavailable_error", None, "engine_dead"
-            ),
-            status_code=503,
-        )
+        return _unavailable("The engine is not running.", "engine_dead")
     return JSONResponse({"status": "ok"})
 
 
@@ -44,18 +39,14 @@ async def ready(request: Request) -> Response:
     """Readiness: the model is loaded and requests are being taken (not draining, not dead)."""
     state = request.app.state
     if not state.engine.is_alive:
-        return JSONResponse(
-            error_body(
-                "The engine is not running.", "service_unavailable_error", None, "engine_dead"
-            ),
-            status_code=503,
-        )
+        return _unavailable("The engine is not running.", "engine_dead")
     if state.admission.draining:
-        return JSONResponse(
-            error_body("The server is draining.", "service_unavailable_error", None, "draining"),
-            status_code=503,
-        )
+        return _unavailable("The server is draining.", "draining")
     return JSONResponse({"status": "ready", "models": state.settings.served_model_names})
+
+
+def _unavailable(message: str, code: str) -> Response:
+    return error_response(unavailable(message, code))
 
 
 @router.get("/metrics")
