@@ -116,10 +116,12 @@ async def run(
     args: argparse.Namespace, engine_argv: Sequence[str]
 ) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
     from transformers import AutoTokenizer
+    from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
     engine_args = engine_args_from(engine_argv)
-    engine = AsyncLLM.from_engine_args(engine_args)
+    # The servers it is compared with both get the OpenAI server's batch defaults.
+    engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
     try:
         tokenizer = AutoTokenizer.from_pretrained(engine_args.tokenizer or engine_args.model)
         # The engine shares this process, so the client CPU figure includes it: no warning.

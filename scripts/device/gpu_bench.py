@@ -282,6 +282,7 @@ def _bench_target(
     python: str,
     deadline: float,
     ready_paths: Sequence[str],
+    ready_cap_s: float,
 ) -> dict[str, Any] | None:
     sys.path.insert(0, str(ROOT))
     from loadtest.servers import ServerProcess
@@ -297,10 +298,12 @@ def _bench_target(
         name, cmd, port, log_path=out / "server.log", ready_paths=ready_paths, cwd=ROOT
     ) as srv:
         try:
-            srv.wait_ready(timeout_s=max(30.0, deadline - time.monotonic() - 40))
+            # Capped, so that one server stuck in compilation cannot take the other's time.
+            wait = min(ready_cap_s, deadline - time.monotonic() - 40)
+            srv.wait_ready(timeout_s=max(30.0, wait))
         except (RuntimeError, TimeoutError) as exc:
             log(f"{name}: not ready: {exc}")
-            return None
+            raise NotReady(str(exc)) from exc
         ready_s = time.monotonic() - t0
         log(f"{name}: ready in {ready_s:.0f} s")
         bench = [python, "-m", "loadtest.bench", "--base-url", srv.base_url + "/v1"]
@@ -316,12 +319,47 @@ def _bench_target(
             return None
         (out / "bench.log").write_text(proc.stdout + "\n" + proc.stderr)
         print(proc.stdout, file=sys.stderr)
+        _save_metrics(srv.base_url, out)
         if proc.returncode != 0 or not (out / "results.json").is_file():
             log(f"{name}: bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             return None
     result = dict(json.loads((out / "results.json").read_text()))
     result["ready_s"] = ready_s
     return result
+
+
+class NotReady(Exception):
+    """The server exited or timed out before it answered its readiness probe."""
+
+
+def _save_metrics(base_url: str, out: Path) -> None:
+    """Keep one /metrics scrape after the load: proof the Prometheus path works on this engine."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base_url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode(errors="replace")
+    except OSError as exc:  # URLError and HTTPError are OSErrors
+        log(f"/metrics scrape failed: {exc}")
+        return
+    (out / "metrics.txt").write_text(text)
+    ours = [ln for ln in text.splitlines() if ln.startswith("avatar_") and "_bucket" not in ln]
+    log(f"/metrics: {len(text.splitlines())} lines, {len(ours)} avatar_* samples (no buckets)")
+    for ln in ours[:40]:
+        print("  " + ln, file=sys.stderr)
+
+
+def _log_highlights(log_path: Path, limit: int = 25) -> None:
+    """Print the engine's start-up facts (backend, compile, graphs, KV cache) from a server log."""
+    keys = ("backend", "torch.compile", "graph", "KV cache", "Loading weights", "init engine")
+    keys += ("Error", "error:", "Traceback")
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    hits = [ln for ln in lines if any(k in ln for k in keys)]
+    for ln in hits[:limit]:
+        print("  | " + ln[:300], file=sys.stderr)
 
 
 def _row(name: str, lv: dict[str, Any]) -> str:
@@ -403,15 +441,47 @@ def bench(args: argparse.Namespace) -> int:
         ("vllm", vllm_command, f"{py} -m vllm.entrypoints.openai.api_server", ("/health",)),
     )
     results: dict[str, dict[str, Any] | None] = {}
+    used_flags: dict[str, list[str]] = {}
     for name, make_cmd, base, ready in targets:
-        port = free_port()
-        cmd = make_cmd(flags, port, base)
-        log(f"{name}: {' '.join(cmd)}")
-        results[name] = _bench_target(name, cmd, port, work, bench_args, py, deadline, ready)
+        target_flags = flags
+        for attempt in (1, 2):
+            port = free_port()
+            cmd = make_cmd(target_flags, port, base)
+            log(f"{name}: {' '.join(cmd)}")
+            used_flags[name] = target_flags
+            try:
+                results[name] = _bench_target(
+                    name, cmd, port, work, bench_args, py, deadline, ready, args.ready_cap_s
+                )
+            except NotReady:
+                results[name] = None
+                # The device runs once per session: when a start fails (a torch.compile or
+                # CUDA-graph problem on an untested stack), try once more without them.
+                left = deadline - time.monotonic()
+                if attempt == 1 and "--enforce-eager" not in target_flags and left > 180:
+                    log(f"{name}: retrying with --enforce-eager")
+                    target_flags = [*flags, "--enforce-eager"]
+                    continue
+            else:
+                # A start that needed --enforce-eager sets it for the later servers too, so the
+                # comparison stays fair; a server that fails either way leaves the flags alone.
+                flags = target_flags
+            break
+        _log_highlights(work / name / "server.log")
     (work / "meta.json").write_text(
-        json.dumps({"flags": flags, "bench_args": bench_args, "model": args.model}, indent=1)
+        json.dumps(
+            {
+                "flags": used_flags,
+                "bench_args": bench_args,
+                "model": args.model,
+            },
+            indent=1,
+        )
     )
     table = "\n".join(summary_table(results))
+    if len({tuple(f) for f in used_flags.values()}) > 1:
+        differ = "; ".join(f"{n}: {' '.join(f)}" for n, f in used_flags.items())
+        table += "\nflags differ: " + differ
     collect(work, Path(args.out), results, table)
     print(table, flush=True)
     return 0 if all(results.values()) else 1
@@ -441,6 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--engine-extra", default="", help="more engine flags for both servers")
     b.add_argument("--bench-args", default="", help="flags for python -m loadtest.bench")
     b.add_argument("--budget-s", type=float, default=420.0, help="time for both servers")
+    b.add_argument(
+        "--ready-cap-s", type=float, default=300.0, help="longest wait for one server's start"
+    )
     args = ap.parse_args(argv)
     if args.cmd == "stage":
         missing = stage(Path(args.stage_dir))

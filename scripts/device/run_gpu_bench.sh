@@ -11,7 +11,8 @@
 # staged wheels, the install and the model are reused.
 #
 # Environment: OUT (results; default /tmp/avatar-gpu-bench-out), BENCH_LAYERS (model depth,
-# default 32), BENCH_DURATION (seconds per load level, default 20), BENCH_MODEL_DIR (use this
+# default 32), BENCH_DURATION (seconds per load level, default 20), BENCH_CALL_S (the whole call's
+# time, default 560), BENCH_MODEL_DIR (use this
 # model as is), BENCH_ENGINE_EXTRA (more engine flags for both servers), DRY_RUN=1 (same as
 # --dry-run).
 set -euo pipefail
@@ -35,6 +36,9 @@ stage_dir=/tmp/avatar-carry
 site_dir=/tmp/avatar-site
 # Nothing can be fetched there; keep every library from trying (and vLLM from phoning home).
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+# vLLM 0.26's GPU sampler imports FlashInfer (not carried) unless told not to; both servers get
+# the same setting, so the comparison stays fair (seen on the first H200 run, 2026-11-28).
+export VLLM_USE_FLASHINFER_SAMPLER=0
 export PYTHONUNBUFFERED=1
 
 if [ "$mode" = dry ]; then
@@ -81,7 +85,7 @@ fi
 echo "== bench ($(( $(date +%s) - t0 )) s so far)"
 # Both servers get identical engine flags (CUDA graphs and torch.compile on: the defaults).
 # The budget keeps the whole call inside the tool's 10 minutes, with time to pack results.
-budget=$(( 560 - ($(date +%s) - t0) ))
+budget=$(( ${BENCH_CALL_S:-560} - ($(date +%s) - t0) ))
 dur="${BENCH_DURATION:-20}"
 "$py" scripts/device/gpu_bench.py bench --model "$model" --out "$OUT" --work /tmp/avatar-bench \
   --python "$py" --max-model-len 4096 --budget-s "$budget" \

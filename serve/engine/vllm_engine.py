@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from vllm import SamplingParams
+from vllm.config import VllmConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.sampling_params import RequestOutputKind
+from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -48,6 +50,17 @@ class _SchedulerStatsProbe(StatLoggerBase):
         pass
 
 
+# We are an OpenAI API server, so the engine gets the batch defaults that `vllm serve` gets. The
+# default context (ENGINE_CONTEXT) has none of its own: on an H100/H200 it left the scheduler at
+# 2048 batched tokens where `vllm serve` uses 8192 and 1024 sequences (seen on the first GPU run).
+SERVER_USAGE = UsageContext.OPENAI_API_SERVER
+
+
+def engine_config(args: AsyncEngineArgs) -> VllmConfig:
+    """The engine's whole configuration, with the OpenAI server's hardware-dependent defaults."""
+    return args.create_engine_config(SERVER_USAGE)
+
+
 class VllmEngine:
     """``Engine`` over one in-process ``AsyncLLM`` shared by every request."""
 
@@ -66,7 +79,13 @@ class VllmEngine:
         def probe(vllm_config: Any, engine_index: int = 0) -> StatLoggerBase:
             return _SchedulerStatsProbe(vllm_config, engine_index, kv_cache_usage)
 
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[probe])
+        llm = AsyncLLM.from_vllm_config(
+            engine_config(args),
+            usage_context=SERVER_USAGE,
+            stat_loggers=[probe],
+            enable_log_requests=args.enable_log_requests,
+            disable_log_stats=args.disable_log_stats,
+        )
         return cls(llm, kv_cache_usage)
 
     @property

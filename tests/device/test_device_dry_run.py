@@ -142,6 +142,51 @@ def test_tiny_bench_model_tokenizer_covers_the_model_vocab(tmp_path: Path) -> No
     assert "lm_head.weight" in index["weight_map"]
 
 
+def _fake_level() -> dict[str, object]:
+    ms = {"p50": 5.0, "p99": 6.0}
+    summary = {"completed": 3, "errors": 0, "output_token_throughput": 10.0}
+    return {"level": 1, "summary": {**summary, "ttft_ms": ms, "itl_ms": ms}}
+
+
+def _bench_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, starts: object) -> list[str]:
+    """Run ``gpu_bench.bench`` with servers that start when ``starts(name, eager)`` says so."""
+    tried: list[str] = []
+
+    def fake_target(name: str, cmd: list[str], *rest: object) -> dict[str, object]:
+        eager = "--enforce-eager" in cmd
+        tried.append(f"{name}{'-eager' if eager else ''}")
+        if not starts(name, eager):  # type: ignore[operator]
+            raise gpu_bench.NotReady(f"{name} exited")
+        return {"levels": [_fake_level()]}
+
+    monkeypatch.setattr(gpu_bench, "_bench_target", fake_target)
+    args = gpu_bench.argparse.Namespace(
+        budget_s=500.0, work=str(tmp_path / "w"), out=str(tmp_path / "o"), model="m",
+        max_model_len=4096, kv_cache_memory_bytes=0, enforce_eager=False, engine_extra="",
+        bench_args="", python="python3", ready_cap_s=300.0,
+    )  # fmt: skip
+    gpu_bench.bench(args)
+    return tried
+
+
+def test_a_start_that_needs_eager_mode_sets_it_for_both_servers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tried = _bench_with(tmp_path, monkeypatch, lambda name, eager: eager)
+    assert tried == ["ours", "ours-eager", "vllm-eager"]
+    table = (tmp_path / "o" / "summary.md").read_text()
+    assert "ours/vllm conc 1:" in table and "flags differ" not in table
+
+
+def test_a_server_broken_either_way_leaves_the_other_on_default_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tried = _bench_with(tmp_path, monkeypatch, lambda name, eager: name == "vllm")
+    assert tried == ["ours", "ours-eager", "vllm"]
+    table = (tmp_path / "o" / "summary.md").read_text()
+    assert "ours  FAILED" in table and "flags differ" in table
+
+
 @pytest.mark.e2e
 def test_dry_run_writes_results_and_prints_the_table(tmp_path: Path) -> None:
     out = tmp_path / "out"
