@@ -306,6 +306,7 @@ def _bench_target(
             raise NotReady(str(exc)) from exc
         ready_s = time.monotonic() - t0
         log(f"{name}: ready in {ready_s:.0f} s")
+        before = _scrape(srv.base_url)
         bench = [python, "-m", "loadtest.bench", "--base-url", srv.base_url + "/v1"]
         bench += ["--model", "bench", "--label", name, "--out", str(out), "--no-progress"]
         bench += bench_args
@@ -319,12 +320,15 @@ def _bench_target(
             return None
         (out / "bench.log").write_text(proc.stdout + "\n" + proc.stderr)
         print(proc.stdout, file=sys.stderr)
-        _save_metrics(srv.base_url, out)
+        after = _scrape(srv.base_url)
+        _save_metrics(after, out)
+        cpu_per_token = frontend_cpu_us_per_token(before, after)
         if proc.returncode != 0 or not (out / "results.json").is_file():
             log(f"{name}: bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             return None
     result = dict(json.loads((out / "results.json").read_text()))
     result["ready_s"] = ready_s
+    result["frontend_cpu_us_per_token"] = cpu_per_token
     return result
 
 
@@ -332,20 +336,51 @@ class NotReady(Exception):
     """The server exited or timed out before it answered its readiness probe."""
 
 
-def _save_metrics(base_url: str, out: Path) -> None:
-    """Keep one /metrics scrape after the load: proof the Prometheus path works on this engine."""
+def _scrape(base_url: str) -> str:
+    """One /metrics scrape ("" when it fails: a measurement aid, never a reason to stop)."""
     import urllib.request
 
     try:
         with urllib.request.urlopen(base_url + "/metrics", timeout=10) as resp:
-            text = resp.read().decode(errors="replace")
+            return str(resp.read().decode(errors="replace"))
     except OSError as exc:  # URLError and HTTPError are OSErrors
         log(f"/metrics scrape failed: {exc}")
+        return ""
+
+
+def metric_sum(text: str, name: str) -> float | None:
+    """Sum of the samples of ``name`` in a Prometheus text scrape; None when it has none."""
+    values = [
+        float(line.rsplit(None, 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " ")
+    ]
+    return sum(values) if values else None
+
+
+def frontend_cpu_us_per_token(before: str, after: str) -> float | None:
+    """Front-end CPU per generated token between two scrapes of the same server.
+
+    ``process_cpu_seconds_total`` is the API server's own process (the engine core is a child
+    process, not counted); ``vllm:generation_tokens_total`` counts tokens in both servers.
+    """
+    cpu = [metric_sum(t, "process_cpu_seconds_total") for t in (before, after)]
+    tokens = [metric_sum(t, "vllm:generation_tokens_total") for t in (before, after)]
+    if None in cpu or None in tokens:
+        return None
+    made = tokens[1] - tokens[0]  # type: ignore[operator]
+    return (cpu[1] - cpu[0]) / made * 1e6 if made > 0 else None  # type: ignore[operator]
+
+
+def _save_metrics(text: str, out: Path) -> None:
+    """Keep the scrape after the load: proof the Prometheus path works on this engine."""
+    if not text:
         return
     (out / "metrics.txt").write_text(text)
     ours = [ln for ln in text.splitlines() if ln.startswith("avatar_") and "_bucket" not in ln]
+    ours = [ln for ln in ours if "_created" not in ln]
     log(f"/metrics: {len(text.splitlines())} lines, {len(ours)} avatar_* samples (no buckets)")
-    for ln in ours[:40]:
+    for ln in ours[:30]:
         print("  " + ln, file=sys.stderr)
 
 
@@ -397,6 +432,10 @@ def summary_table(results: dict[str, dict[str, Any] | None]) -> list[str]:
             x, y = sa["output_token_throughput"], sb["output_token_throughput"]
             ratio.append(f"tok/s {x / y:.2f}x" if x and y else "tok/s -")
             lines.append(f"ours/vllm conc {a['level']:g}: " + ", ".join(ratio))
+    for name, res in results.items():
+        cpu = (res or {}).get("frontend_cpu_us_per_token")
+        if cpu is not None:
+            lines.append(f"{name} front-end CPU: {cpu:.1f} us per output token (all levels)")
     return lines
 
 

@@ -11,10 +11,10 @@
 # staged wheels, the install and the model are reused.
 #
 # Environment: OUT (results; default /tmp/avatar-gpu-bench-out), BENCH_LAYERS (model depth,
-# default 32), BENCH_DURATION (seconds per load level, default 20), BENCH_CALL_S (the whole call's
-# time, default 560), BENCH_MODEL_DIR (use this
-# model as is), BENCH_ENGINE_EXTRA (more engine flags for both servers), DRY_RUN=1 (same as
-# --dry-run).
+# default 32), BENCH_DURATION (seconds per load level, default 15), BENCH_CONCURRENCY (levels,
+# default 1,16,64,256), BENCH_CALL_S (the whole call's time, default 560), BENCH_MODEL_DIR (use
+# this model as is), BENCH_ENGINE_EXTRA (more engine flags for both servers), DRY_RUN=1 (same
+# as --dry-run).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -86,8 +86,9 @@ echo "== bench ($(( $(date +%s) - t0 )) s so far)"
 # Both servers get identical engine flags (CUDA graphs and torch.compile on: the defaults).
 # The budget keeps the whole call inside the tool's 10 minutes, with time to pack results.
 budget=$(( ${BENCH_CALL_S:-560} - ($(date +%s) - t0) ))
-dur="${BENCH_DURATION:-20}"
+dur="${BENCH_DURATION:-15}"
 "$py" scripts/device/gpu_bench.py bench --model "$model" --out "$OUT" --work /tmp/avatar-bench \
   --python "$py" --max-model-len 4096 --budget-s "$budget" \
   --engine-extra "--gpu-memory-utilization 0.85 ${BENCH_ENGINE_EXTRA:-}" \
-  --bench-args "--concurrency 1,16,64 --duration $dur --warmup 4 --ignore-eos"
+  --bench-args "--concurrency ${BENCH_CONCURRENCY:-1,16,64,256} --duration $dur --warmup 4 \
+--ignore-eos"

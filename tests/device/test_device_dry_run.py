@@ -142,6 +142,21 @@ def test_tiny_bench_model_tokenizer_covers_the_model_vocab(tmp_path: Path) -> No
     assert "lm_head.weight" in index["weight_map"]
 
 
+def test_frontend_cpu_per_token_counts_only_the_tokens_between_scrapes() -> None:
+    before = (
+        "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 40.0\n"
+        'vllm:generation_tokens_total{engine="0",model_name="m"} 1000.0\n'
+        "vllm:generation_tokens_total_created 1.7e9\n"
+    )
+    after = (
+        "process_cpu_seconds_total 42.5\n"
+        'vllm:generation_tokens_total{engine="0",model_name="m"} 51000.0\n'
+    )
+    assert gpu_bench.frontend_cpu_us_per_token(before, after) == pytest.approx(50.0)
+    assert gpu_bench.frontend_cpu_us_per_token("", after) is None
+    assert gpu_bench.frontend_cpu_us_per_token(after, after) is None  # no tokens in between
+
+
 def _fake_level() -> dict[str, object]:
     ms = {"p50": 5.0, "p99": 6.0}
     summary = {"completed": 3, "errors": 0, "output_token_throughput": 10.0}
@@ -212,6 +227,11 @@ def test_dry_run_writes_results_and_prints_the_table(tmp_path: Path) -> None:
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8
     assert all(len(p.relative_to(out).parts) <= 3 for p in files)
-    last = str(proc.stdout).strip().splitlines()[-7:]
-    assert last[0].split()[:2] == ["srv", "conc"], last
-    assert any(line.startswith("ours/vllm conc 2:") for line in last), last
+    lines = str(proc.stdout).strip().splitlines()
+    heads = [i for i, line in enumerate(lines) if line.split()[:2] == ["srv", "conc"]]
+    assert heads, lines[-12:]
+    table = lines[heads[-1] :]  # the table is the last thing printed
+    assert len(table) == 1 + 4 + 2 + 2, table  # header, 2 levels x 2 servers, ratios, CPU
+    assert any(line.startswith("ours/vllm conc 2:") for line in table), table
+    for name in ("ours", "vllm"):
+        assert any(line.startswith(f"{name} front-end CPU: ") for line in table), table
