@@ -211,13 +211,14 @@ def pack_calls(items: Iterable[Item], budget: int) -> list[Call]:
     return calls
 
 
-def estimate_minutes(calls: int, bench_s: float = 390.0, stage_s: float = 35.0) -> float:
+def estimate_minutes(calls: int, bench_s: float = 420.0, stage_s: float = 10.0) -> float:
     """Device minutes for the sequence: a start, one staging call per extra folder, the bench.
 
-    The start (60-120 s) and a call's transfer of ~62 MiB (assumed ~25 s plus ~10 s of command
-    and turn-around while the machine idles) are guesses until a session measures them.
+    Measured on an H200 (2026-11-28): start plus two staging calls 49 s; the bench call 316 s
+    on a warm machine with three levels (install and model build, 29 s, come on top when
+    cold; a fourth level adds about 40 s). Rounded up, with 30 s of idle before give-back.
     """
-    start_s = 120.0
+    start_s = 40.0
     return (start_s + (calls - 1) * stage_s + bench_s + 30.0) / 60.0
 
 
@@ -228,8 +229,8 @@ def plan_lines(calls: Sequence[Call], budget: int, tree_bytes: int) -> list[str]
         f"carry: {total / MIB:.1f} MiB in {len(calls)} call(s); per-call budget "
         f"{budget / MIB:.1f} MiB (64 MiB less the {tree_bytes / MIB:.2f} MiB working tree "
         f"and a margin)",
-        f"estimated device time: {minutes:.1f} min of the 15 (start ~2 min, "
-        f"{len(calls) - 1} staging call(s), bench ~6.5 min)",
+        f"estimated device time: {minutes:.1f} min of the 15 (start ~40 s, "
+        f"{len(calls) - 1} staging call(s), bench ~7 min)",
         "Make the calls back to back: the machine keeps staged parts only while warm "
         "(30 s idle). If a call reports missing parts, the machine was given back: "
         "start again at call 1.",
