@@ -74,8 +74,10 @@ class GenerationService:
         if req.echo:
             raise invalid_request("`echo` is not supported.", param="echo")
         prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            # Token ids are the client's to choose: check them here, not deep in the engine.
             prompt_ids = [int(t) for t in prompt]
+            self._check_token_ids(prompt_ids)
         else:
             text = prompt if isinstance(prompt, str) else str(prompt[0])
             if len(text) > _OFFLOAD_CHARS:
@@ -87,6 +89,16 @@ class GenerationService:
         if not prompt_ids:
             raise invalid_request("The prompt is empty.", param="prompt")
         return self._prepared(req, record, request_id, prompt_ids, "cmpl-", chat=False)
+
+    def _check_token_ids(self, ids: list[int]) -> None:
+        vocab = self._engine.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise invalid_request(
+                f"Token id {bad} is out of vocabulary: ids run from 0 to {vocab - 1}.",
+                param="prompt",
+                code="invalid_value",
+            )
 
     def _check_common(self, req: SamplingFields, record: RequestRecord) -> None:
         record.model = req.model
@@ -133,8 +145,16 @@ class GenerationService:
                 else "max_tokens",
                 code="context_length_exceeded",
             )
+        max_tokens = requested if requested is not None else window - prompt_len
+        if req.min_tokens > max_tokens:
+            raise invalid_request(
+                f"`min_tokens` ({req.min_tokens}) must not exceed the tokens that may be "
+                f"generated ({max_tokens}).",
+                param="min_tokens",
+                code="invalid_value",
+            )
         options = SamplingOptions(
-            max_tokens=requested if requested is not None else window - prompt_len,
+            max_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
             top_k=req.top_k,

@@ -97,7 +97,8 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineDeadError):
         return unavailable("The model engine is not running; retry shortly.", "engine_dead")
     if isinstance(exc, EngineInputError):
-        return invalid_request("The engine rejected the request's input.", code="invalid_input")
+        message = f"{exc}." if exc.public else "The engine rejected the request's input."
+        return invalid_request(message, param=exc.param, code="invalid_input")
     if isinstance(exc, RequestValidationError):
         return _from_validation_errors(exc.errors())
     if isinstance(exc, StarletteHTTPException):

@@ -53,7 +53,16 @@ class EngineDeadError(EngineError):
 
 
 class EngineInputError(EngineError):
-    """The engine refused a request's input (for example a token outside the vocabulary)."""
+    """The engine refused a request's input (for example a token outside the vocabulary).
+
+    ``public`` says the message is written for the client (the engine's own validation), so
+    it may be shown; otherwise the client gets a generic message. ``param`` names the field.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None, public: bool = False) -> None:
+        super().__init__(message)
+        self.param = param
+        self.public = public
 
 
 @runtime_checkable
@@ -68,6 +77,11 @@ class Engine(Protocol):
     @property
     def is_alive(self) -> bool:
         """False once the engine has died (liveness)."""
+        ...
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold are ``0 <= id < vocab_size``."""
         ...
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:

@@ -16,8 +16,11 @@ WORDS = ("Hello", " there", ".", " How", " can", " I", " help", " you", " today"
 
 
 class FakeEngine:
-    def __init__(self, max_model_len: int = 256, token_delay: float = 0.0) -> None:
+    def __init__(
+        self, max_model_len: int = 256, token_delay: float = 0.0, vocab_size: int = 1000
+    ) -> None:
         self._max_model_len = max_model_len
+        self._vocab_size = vocab_size
         self.token_delay = token_delay
         self.first_token_gate: asyncio.Event | None = None
         self._alive = True
@@ -34,6 +37,10 @@ class FakeEngine:
     def is_alive(self) -> bool:
         return self._alive
 
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
     def kill(self) -> None:
         self._alive = False
 
@@ -43,15 +50,17 @@ class FakeEngine:
         return self.encode(text)
 
     def encode(self, text: str) -> list[int]:
-        return [len(word) for word in text.split()]
+        return [min(len(word), self._vocab_size - 1) for word in text.split()]
 
     async def generate(
         self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
     ) -> AsyncIterator[Delta]:
         if not self._alive:
             raise EngineDeadError("the engine is not running")
-        if any(t < 0 for t in prompt_token_ids):
-            raise EngineInputError("token id out of range")
+        if any(not 0 <= t < self._vocab_size for t in prompt_token_ids):
+            raise EngineInputError("Token id out of vocabulary", param="prompt", public=True)
+        if options.min_tokens > options.max_tokens:
+            raise EngineInputError("min_tokens must be <= max_tokens", param="min_tokens")
         self.seen.append((request_id, list(prompt_token_ids), options))
         self._unfinished.add(request_id)
         finished = False

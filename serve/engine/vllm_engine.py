@@ -16,6 +16,7 @@ from typing import Any
 from vllm import SamplingParams
 from vllm.config import VllmConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import RequestOutputKind
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -69,6 +70,10 @@ class VllmEngine:
         self._kv_cache_usage = kv_cache_usage
         self._tokenizer = llm.get_tokenizer()
         self._max_model_len = int(llm.model_config.max_model_len)
+        # vLLM's own rule (renderers.validate_token_ids): an id is in the vocabulary when it is
+        # at most the larger of the tokenizer's last id and the model's last embedding row.
+        last_tokenizer_id = getattr(self._tokenizer, "max_token_id", len(self._tokenizer) - 1)
+        self._vocab_size = max(int(last_tokenizer_id) + 1, llm.model_config.get_vocab_size())
 
     @classmethod
     def from_engine_args(cls, engine_args: dict[str, Any]) -> VllmEngine:
@@ -95,6 +100,10 @@ class VllmEngine:
     @property
     def is_alive(self) -> bool:
         return not self._llm.errored
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         text = str(
@@ -131,8 +140,12 @@ class VllmEngine:
             raise EngineDeadError("the engine is not running") from exc
         except asyncio.CancelledError:
             raise
+        except VLLMValidationError as exc:
+            # Written for the client (and a client error, not a ValueError, since vLLM 0.27).
+            message = exc.args[0] if exc.args else str(exc)
+            raise EngineInputError(str(message), param=exc.parameter, public=True) from exc
         except (ValueError, TypeError) as exc:
-            # vLLM's input validation errors subclass ValueError.
+            # Other input errors of vLLM's (SamplingParams checks) are ValueErrors.
             raise EngineInputError(str(exc)) from exc
         except Exception as exc:
             if self._llm.errored:
