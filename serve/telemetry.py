@@ -8,6 +8,7 @@ histograms too, labelled with their finish reason.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -140,6 +141,13 @@ class Metrics:
             "avatar_engine_alive", "1 while the engine is alive, 0 once it has died.",
             registry=registry,
         )  # fmt: skip
+        self.loop_tasks = Gauge(
+            "avatar_event_loop_tasks",
+            "asyncio tasks alive on the server's event loop at scrape time (flat under steady "
+            "load; growth means a leak).",
+            registry=registry,
+        )
+        self.loop_tasks.set_function(_loop_tasks)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)  # export zeros, so rate() works from the first scrape
 
@@ -150,6 +158,14 @@ class Metrics:
         self.engine_unfinished.set_function(
             lambda: engine.num_unfinished_requests() if engine.is_alive else 0
         )
+
+
+def _loop_tasks() -> float:
+    # /metrics is an async route, so a scrape runs on the server's loop; NaN elsewhere.
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:
+        return float("nan")
 
 
 METRICS = Metrics()
