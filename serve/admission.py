@@ -1,15 +1,16 @@
 """Admission control: a bounded number of requests in the engine and a bounded waiting queue.
 
-Past the queue a request is refused at once (429 with Retry-After) rather than queued forever;
-one that waits longer than the queue timeout gets 503. What was admitted is never disturbed.
-During a drain every new request gets 503.
+Past the queue a request is refused at once rather than queued forever, one that waits longer
+than the queue timeout is refused too, and so is every new request during a drain
+(``serve.errors`` maps these to 429 with Retry-After, 503 and 503). What was admitted is never
+disturbed.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from serve.api.errors import overloaded, unavailable
+from serve.errors import Refused
 from serve.telemetry import Metrics
 
 
@@ -38,19 +39,19 @@ class Admission:
     async def acquire(self) -> None:
         """Take one engine slot, waiting in the bounded queue if none is free.
 
-        Raises 503 while draining or after the queue timeout, 429 when the queue is full.
+        Raises ``Refused``: while draining, when the queue is full, after the queue timeout.
         """
         if self.draining:
-            raise unavailable("The server is shutting down; retry on another replica.", "draining")
+            raise Refused("draining", "The server is shutting down; retry on another replica.")
         if self._slots.locked():
             if self.waiting >= self._max_waiting:
-                raise overloaded("The server is at capacity; retry shortly.", retry_after_s=1)
+                raise Refused("overload", "The server is at capacity; retry shortly.")
             self._set(waiting=+1)
             try:
                 await asyncio.wait_for(self._slots.acquire(), self._queue_timeout)
             except TimeoutError:
-                raise unavailable(
-                    "The request waited too long for capacity; retry shortly.", "queue_timeout"
+                raise Refused(
+                    "queue_timeout", "The request waited too long for capacity; retry shortly."
                 ) from None
             finally:
                 self._set(waiting=-1)

@@ -22,7 +22,7 @@ from serve.admission import Admission
 from serve.api import generation, ops
 from serve.api.auth import BearerAuth
 from serve.api.errors import install_error_handlers
-from serve.api.middleware import RequestContextMiddleware
+from serve.api.middleware import RequestGuard
 from serve.engine.base import Engine
 from serve.service import GenerationService
 from serve.settings import Settings
@@ -67,9 +67,9 @@ def create_app(
 
     app.include_router(generation.router)
     app.include_router(ops.router)
-    install_error_handlers(app)
+    install_error_handlers(app, METRICS)
     app.guard = partial(
-        RequestContextMiddleware,
+        RequestGuard,
         metrics=METRICS,
         max_body_bytes=settings.max_body_bytes,
         max_request_duration=settings.max_request_duration,

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from starlette.responses import Response
 
 from serve.admission import Admission
-from serve.api.errors import APIError, invalid_request, model_not_found, to_api_error
-from serve.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from serve.engine.base import Delta, Engine, SamplingOptions
+from serve.errors import aborted, invalid_request, model_not_found, to_api_error
+from serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from serve.settings import Settings
 from serve.streaming import DONE_FRAME, ChunkFormat, SSEResponse, error_frame
 from serve.telemetry import RequestRecord
@@ -226,7 +226,7 @@ class GenerationService:
             while True:
                 reason = delta.finish_reason
                 if reason == "abort":
-                    raise _aborted()
+                    raise aborted()
                 if delta.text or reason is not None:
                     yield frame(delta.text, first, reason)
                     # After the yield the frame has been handed to the socket: that is the
@@ -262,13 +262,8 @@ class GenerationService:
                 break
             delta = await anext(stream)
         if delta.finish_reason == "abort":
-            raise _aborted()
+            raise aborted()
         record.finish_reason = delta.finish_reason
         return p.format.completion_body(
             "".join(parts), delta.finish_reason, record.prompt_tokens, record.output_tokens
         )
-
-
-def _aborted() -> APIError:
-    """The engine ended a request we did not end (it reports "abort"): not a normal finish."""
-    return APIError(503, "The generation was aborted.", type="server_error", code="aborted")

@@ -14,7 +14,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from serve.api.errors import APIError
+from serve.errors import APIError, error_json
 
 DONE_FRAME = b"data: [DONE]\n\n"
 SSE_HEADERS = [
@@ -99,7 +99,7 @@ class ChunkFormat:
 
 def error_frame(error: APIError) -> bytes:
     """An error inside a stream that has already begun: the OpenAI SDK raises it as APIError."""
-    return b"".join((b"data: ", _dumps(error.body()), b"\n\n"))
+    return b"".join((b"data: ", error_json(error), b"\n\n"))
 
 
 class SSEResponse(Response):

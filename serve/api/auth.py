@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from serve.api.errors import unauthorized
+from serve.errors import unauthorized
 
 
 class BearerAuth:

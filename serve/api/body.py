@@ -10,7 +10,7 @@ import orjson
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from serve.api.errors import APIError, invalid_request
+from serve.errors import APIError, invalid_request
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 

@@ -3,18 +3,30 @@ configured both ways). Thin: parse the body, hand it to the service."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from serve.api.auth import Authenticated
 from serve.api.body import parse_body
-from serve.api.protocol import ChatCompletionRequest, CompletionRequest, openapi_body
+from serve.protocol import ChatCompletionRequest, CompletionRequest
 from serve.service import GenerationService
 from serve.telemetry import RequestRecord
 
 router = APIRouter()
+
+
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """An ``openapi_extra`` that documents a body the route parses itself (to control errors)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema}},
+        }
+    }
 
 
 async def get_service(request: Request) -> GenerationService:

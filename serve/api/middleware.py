@@ -27,8 +27,9 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from serve.api.errors import APIError, to_api_error
-from serve.streaming import DONE_FRAME
+from serve.api.errors import count_refusal, send_error
+from serve.errors import internal_error, timed_out, too_large
+from serve.streaming import DONE_FRAME, error_frame
 from serve.telemetry import Metrics, RequestRecord
 
 access_log = logging.getLogger("serve.access")
@@ -50,7 +51,7 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-class _Guard:
+class _RequestState:
     """Per-request state of the middleware: lives on this request's stack only."""
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
@@ -67,7 +68,7 @@ class _Guard:
             self.task.cancel()
 
 
-class RequestContextMiddleware:
+class RequestGuard:
     def __init__(
         self, app: Any, *, metrics: Metrics, max_body_bytes: int, max_request_duration: float
     ) -> None:
@@ -90,7 +91,7 @@ class RequestContextMiddleware:
         state["request_id"] = request_id
         task = asyncio.current_task()
         assert task is not None
-        guard = _Guard(task)
+        guard = _RequestState(task)
         id_header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: MutableMapping[str, Any]) -> None:
@@ -136,7 +137,9 @@ class RequestContextMiddleware:
             self._finish(record, guard, state)
             self._log(scope, request_id, guard, arrival, record)
 
-    async def _call_app(self, scope: Scope, receive: Receive, send: Send, guard: _Guard) -> None:
+    async def _call_app(
+        self, scope: Scope, receive: Receive, send: Send, guard: _RequestState
+    ) -> None:
         """Run the app; an unexpected error becomes a 500 that says nothing of its cause."""
         try:
             await self.app(scope, receive, send)
@@ -144,10 +147,10 @@ class RequestContextMiddleware:
             # The framework has answered with the generic 500 body if it could; log once here.
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if not guard.started:
-                await _send_json(send, 500, to_api_error(RuntimeError()).body())
+                await send_error(send, internal_error())
 
     async def _read_body(
-        self, scope: Scope, receive: Receive, send: Send, guard: _Guard
+        self, scope: Scope, receive: Receive, send: Send, guard: _RequestState
     ) -> bytes | None:
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -170,16 +173,12 @@ class RequestContextMiddleware:
                 return b"".join(chunks)
 
     async def _reject_too_large(self, send: Send) -> None:
-        self.metrics.rejected.labels("too_large").inc()
-        error = APIError(
-            413,
-            f"The request body exceeds {self.max_body_bytes} bytes.",
-            code="request_too_large",
-        )
-        await _send_json(send, error.status, error.body())
+        error = too_large(self.max_body_bytes)
+        count_refusal(self.metrics, error)
+        await send_error(send, error)
 
     @staticmethod
-    async def _watch(receive: Receive, guard: _Guard) -> None:
+    async def _watch(receive: Receive, guard: _RequestState) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -188,25 +187,20 @@ class RequestContextMiddleware:
                 return
 
     @staticmethod
-    async def _farewell(send: Send, guard: _Guard) -> None:
+    async def _farewell(send: Send, guard: _RequestState) -> None:
         """The request outlived its deadline: tell the client, if it still reads, and end."""
-        error = APIError(
-            503,
-            "The request exceeded the server's maximum duration.",
-            type="service_unavailable_error",
-            code="request_timeout",
-        )
+        error = timed_out()
         try:
             async with asyncio.timeout(_FAREWELL_TIMEOUT_S):
                 if not guard.started:
-                    await _send_json(send, error.status, error.body())
+                    await send_error(send, error)
                 elif not guard.done:
-                    frame = b"data: " + orjson.dumps(error.body()) + b"\n\n" + DONE_FRAME
+                    frame = error_frame(error) + DONE_FRAME
                     await send({"type": "http.response.body", "body": frame, "more_body": False})
         except (TimeoutError, OSError):
             pass
 
-    def _finish(self, record: RequestRecord, guard: _Guard, state: dict[str, Any]) -> None:
+    def _finish(self, record: RequestRecord, guard: _RequestState, state: dict[str, Any]) -> None:
         left = guard.reason == "disconnect" or state.get("client_gone", False)
         if left:
             record.status = 499  # the client closed the request (nginx's convention)
@@ -221,7 +215,11 @@ class RequestContextMiddleware:
 
     @staticmethod
     def _log(
-        scope: Scope, request_id: str, guard: _Guard, arrival: float, record: RequestRecord | None
+        scope: Scope,
+        request_id: str,
+        guard: _RequestState,
+        arrival: float,
+        record: RequestRecord | None,
     ) -> None:
         path = scope["path"]
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
@@ -254,7 +252,7 @@ def _endpoint(path: str) -> str:
     return "chat" if path.endswith("chat/completions") else "completions"
 
 
-def _replay(body: bytes, guard: _Guard) -> Receive:
+def _replay(body: bytes, guard: _RequestState) -> Receive:
     """The app's view of ``receive``: the body we already read, then the disconnect."""
     sent = False
 
@@ -267,14 +265,3 @@ def _replay(body: bytes, guard: _Guard) -> Receive:
         return {"type": "http.disconnect"}
 
     return receive
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json")],
-        }
-    )
-    await send({"type": "http.response.body", "body": orjson.dumps(body), "more_body": False})

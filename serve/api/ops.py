@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from serve.api.auth import Authenticated
-from serve.api.errors import error_response, unavailable
+from serve.api.errors import error_response
+from serve.errors import unavailable
 from serve.telemetry import render_latest
 
 router = APIRouter()

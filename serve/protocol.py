@@ -6,7 +6,7 @@ work unchanged. Types are strict: ``"max_tokens": "5"`` is refused, not coerced.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -88,14 +88,3 @@ class CompletionRequest(SamplingFields):
     def requested_max_tokens(self) -> int | None:
         # The legacy completions API defaults to 16 tokens when max_tokens is absent.
         return self.max_tokens if self.max_tokens is not None else 16
-
-
-def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
-    """An ``openapi_extra`` that documents a body the route parses itself (to control errors)."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": schema}},
-        }
-    }
