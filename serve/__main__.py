@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import sys
 import time
 from types import FrameType
@@ -35,6 +34,7 @@ class _Server(uvicorn.Server):
         self._state = app_state
         self._drain_timeout = drain_timeout
         self._draining = False
+        self._drain_task: asyncio.Task[None] | None = None  # held: the loop keeps weak refs
         self.exit_code = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -44,8 +44,12 @@ class _Server(uvicorn.Server):
             self.should_exit = True
             return
         self._draining = True
+        # uvicorn calls this from its signal handler, on the loop's thread but outside a task.
         loop = asyncio.get_event_loop()
-        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+        loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
         admission = self._state.admission  # type: ignore[attr-defined]
@@ -157,8 +161,6 @@ async def _serve(settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv if argv is not None else sys.argv[1:])
     _configure_logging(settings.log_level)
-    # One engine process instead of two on CPU: halves start-up, same serving path.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     finalize_engine_args(settings)
     try:
         import uvloop

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from starlette.responses import Response
@@ -124,10 +124,22 @@ class GenerationService:
         *,
         chat: bool,
     ) -> Prepared:
+        record.prompt_tokens = len(prompt_ids)
+        max_tokens = self._fit_window(req, len(prompt_ids), "messages" if chat else "prompt")
+        fmt = ChunkFormat(
+            chat=chat,
+            response_id=id_prefix + uuid.uuid4().hex,
+            created=int(time.time()),
+            model=req.model,
+        )
+        options = _sampling_options(req, max_tokens)
+        return Prepared(request_id, prompt_ids, options, req.stream, req.include_usage, fmt)
+
+    def _fit_window(
+        self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int, param: str
+    ) -> int:
+        """The tokens this request may generate: what it asked for, or the rest of the window."""
         window = self._engine.max_model_len
-        prompt_len = len(prompt_ids)
-        record.prompt_tokens = prompt_len
-        param = "messages" if chat else "prompt"
         if prompt_len >= window:
             raise invalid_request(
                 f"This model's maximum context length is {window} tokens; the prompt has "
@@ -153,27 +165,7 @@ class GenerationService:
                 param="min_tokens",
                 code="invalid_value",
             )
-        options = SamplingOptions(
-            max_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            seed=req.seed,
-            stop=tuple(req.stop_list()),
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
-            min_tokens=req.min_tokens,
-            ignore_eos=req.ignore_eos,
-        )
-        fmt = ChunkFormat(
-            chat=chat,
-            response_id=id_prefix + uuid.uuid4().hex,
-            created=int(time.time()),
-            model=req.model,
-        )
-        return Prepared(request_id, prompt_ids, options, req.stream, req.include_usage, fmt)
+        return max_tokens
 
     # -- run ---------------------------------------------------------------------------------
 
@@ -196,7 +188,7 @@ class GenerationService:
                 return
             closed = True
             try:
-                await stream.aclose()  # type: ignore[attr-defined]  # aborts if unfinished
+                await stream.aclose()  # aborts the engine request if it is unfinished
             finally:
                 self._admission.release()
 
@@ -216,8 +208,8 @@ class GenerationService:
         return Response(body, media_type="application/json")
 
     async def _frames(
-        self, p: Prepared, delta: Delta, stream: AsyncIterator[Delta], record: RequestRecord
-    ) -> AsyncIterator[bytes]:
+        self, p: Prepared, delta: Delta, stream: AsyncGenerator[Delta, None], record: RequestRecord
+    ) -> AsyncGenerator[bytes, None]:
         frame = p.format.frame
         on_text = record.on_text
         clock = time.perf_counter
@@ -239,9 +231,7 @@ class GenerationService:
                     record.finish_reason = reason
                     break
                 delta = await anext(stream)
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:
+        except Exception as exc:  # cancellation (a BaseException) passes through
             record.finish_reason = "error"
             yield error_frame(to_api_error(exc))
             yield DONE_FRAME
@@ -251,7 +241,7 @@ class GenerationService:
         yield DONE_FRAME
 
     async def _collect(
-        self, p: Prepared, delta: Delta, stream: AsyncIterator[Delta], record: RequestRecord
+        self, p: Prepared, delta: Delta, stream: AsyncGenerator[Delta, None], record: RequestRecord
     ) -> bytes:
         parts: list[str] = []
         clock = time.perf_counter
@@ -267,3 +257,21 @@ class GenerationService:
         return p.format.completion_body(
             "".join(parts), delta.finish_reason, record.prompt_tokens, record.output_tokens
         )
+
+
+def _sampling_options(req: SamplingFields, max_tokens: int) -> SamplingOptions:
+    """The request's sampling fields in the engine's neutral form."""
+    return SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        seed=req.seed,
+        stop=tuple(req.stop_list()),
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+    )

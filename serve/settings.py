@@ -2,17 +2,17 @@
 
 Front-end settings are the fields of ``Settings`` (env ``AVATAR_<FIELD>``, flag ``--<field>``).
 Engine settings are vLLM's own ``AsyncEngineArgs`` flags, unchanged, so a ``vllm serve`` command
-line keeps working; each also reads ``AVATAR_<FLAG>`` (see ``serve.cli``). They travel in
-``Settings.engine_args``. Nothing else in the server reads the environment.
+line keeps working; each also reads ``AVATAR_<FLAG>``. They travel in ``Settings.engine_args``.
+``serve.cli`` reads flags and environment into this object; nothing else in the server reads the
+environment. This module imports nothing else of the server.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENV_PREFIX = "AVATAR_"
 DEFAULT_DEMO_DIR = Path.home() / ".cache" / "avatar-llm-serve" / "demo-model"
@@ -36,14 +36,18 @@ PASSTHROUGH_ENV_VARS = frozenset(
 PASSTHROUGH_ENV_PREFIXES = ("VLLM_",)
 
 
-class Settings(BaseSettings):
-    """Front-end settings. Defaults suit real-time avatars; every field is validated at start-up."""
+class Settings(BaseModel):
+    """Front-end settings. Defaults suit real-time avatars; every field is validated at start-up.
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+    A plain model: it reads no environment of its own. ``serve.cli.parse_settings(argv, environ)``
+    is the one reader of flags and environment, so tests pass both in and nothing leaks in.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
-    api_key: Annotated[list[str], NoDecode] = Field(
+    api_key: list[str] = Field(
         default_factory=list,
         description="Accepted bearer keys (flag repeatable; env comma-separated). "
         "None: the server runs open.",
@@ -132,27 +136,3 @@ class Settings(BaseSettings):
 
 def frontend_env_vars() -> set[str]:
     return {ENV_PREFIX + name.upper() for name in Settings.model_fields if name != "engine_args"}
-
-
-def known_env_vars() -> set[str]:
-    """Every environment variable name the server reads (front end, engine flags, passthrough).
-
-    Imports vLLM (for its engine flags).
-    """
-    from serve.cli import engine_env_vars
-
-    return frontend_env_vars() | engine_env_vars() | set(PASSTHROUGH_ENV_VARS)
-
-
-def is_known_env_var(name: str) -> bool:
-    return name in known_env_vars() or name.startswith(PASSTHROUGH_ENV_PREFIXES)
-
-
-def known_cli_flags() -> set[str]:
-    """Every long CLI flag ``python -m serve`` accepts. Imports vLLM (for its engine flags)."""
-    from serve.cli import build_parser
-
-    parser = build_parser()
-    return {
-        opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")
-    }

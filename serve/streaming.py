@@ -7,7 +7,7 @@ moment it exists: no buffering, no compression.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -110,7 +110,7 @@ class SSEResponse(Response):
     """
 
     def __init__(
-        self, frames: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]
+        self, frames: AsyncGenerator[bytes, None], on_close: Callable[[], Awaitable[None]]
     ) -> None:
         # A Response subclass so the framework passes it through untouched; the headers are
         # fixed, so the base class's header machinery is skipped.
@@ -132,5 +132,5 @@ class SSEResponse(Response):
             # The server reports a write to a closed connection this way: the client left.
             scope.setdefault("state", {})["client_gone"] = True
         finally:
-            await self.frames.aclose()  # type: ignore[attr-defined]
+            await self.frames.aclose()
             await self.on_close()

@@ -7,9 +7,9 @@ and an engine of another version can be slotted in behind it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +65,6 @@ class EngineInputError(EngineError):
         self.public = public
 
 
-@runtime_checkable
 class Engine(Protocol):
     """An inference engine as the HTTP layer sees it."""
 
@@ -94,12 +93,8 @@ class Engine(Protocol):
 
     def generate(
         self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
-    ) -> AsyncIterator[Delta]:
-        """Stream deltas for one request. Closing the iterator early aborts the request."""
-        ...
-
-    async def abort(self, request_id: str) -> None:
-        """Abort a request that is still running; a no-op for one that has finished."""
+    ) -> AsyncGenerator[Delta, None]:
+        """Stream deltas for one request. Closing the generator early aborts the request."""
         ...
 
     def num_unfinished_requests(self) -> int:

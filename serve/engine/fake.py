@@ -8,7 +8,7 @@ slow it down (``token_delay``), hold it before the first token (``first_token_ga
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from serve.engine.base import Delta, EngineDeadError, EngineInputError, SamplingOptions
 
@@ -54,7 +54,7 @@ class FakeEngine:
 
     async def generate(
         self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         if not self._alive:
             raise EngineDeadError("the engine is not running")
         if any(not 0 <= t < self._vocab_size for t in prompt_token_ids):
@@ -96,11 +96,6 @@ class FakeEngine:
             self._unfinished.discard(request_id)
             if not finished:
                 self.aborted.append(request_id)
-
-    async def abort(self, request_id: str) -> None:
-        if request_id in self._unfinished:
-            self._unfinished.discard(request_id)
-            self.aborted.append(request_id)
 
     def num_unfinished_requests(self) -> int:
         return len(self._unfinished)

@@ -8,9 +8,8 @@ exceptions into the engine-neutral ones of ``base``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from vllm import SamplingParams
@@ -119,7 +118,7 @@ class VllmEngine:
 
     async def generate(
         self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         first = True
         stream = None
         try:
@@ -138,8 +137,6 @@ class VllmEngine:
                 yield delta
         except VllmEngineDeadError as exc:
             raise EngineDeadError("the engine is not running") from exc
-        except asyncio.CancelledError:
-            raise
         except VLLMValidationError as exc:
             # Written for the client (and a client error, not a ValueError, since vLLM 0.27).
             message = exc.args[0] if exc.args else str(exc)
@@ -156,10 +153,6 @@ class VllmEngine:
             # request at once: that is how a client that left frees its engine slot.
             if stream is not None:
                 await stream.aclose()
-
-    async def abort(self, request_id: str) -> None:
-        if not self._llm.errored:
-            await self._llm.abort(request_id)
 
     def num_unfinished_requests(self) -> int:
         # AsyncLLM.get_num_unfinished_requests() is new in recent releases; the output

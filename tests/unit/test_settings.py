@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from serve.cli import parse_settings
-from serve.settings import Settings, known_cli_flags, known_env_vars
+from serve.cli import known_cli_flags, known_env_vars, parse_settings
+from serve.settings import Settings
 
 
 def test_flags_win_over_env_and_env_over_defaults() -> None:
@@ -68,9 +68,38 @@ def test_invalid_settings_fail_loudly(
     assert "invalid settings" in capsys.readouterr().err
 
 
-def test_unknown_flag_fails() -> None:
-    with pytest.raises(SystemExit):
+def test_unknown_flag_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
         parse_settings(["--no-such-flag"], {})
+    assert exc.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("var", "flag"),
+    [("AVATAR_LOG_PROMPTS", "--log-prompts"), ("AVATAR_ENFORCE_EAGER", "--enforce-eager")],
+)
+def test_a_mistyped_boolean_is_an_error_naming_flag_and_variable(
+    var: str, flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_settings([], {var: "ture"})
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert var in err and flag in err and "ture" in err
+
+
+@pytest.mark.parametrize(("raw", "value"), [("1", True), ("YES", True), (" off ", False)])
+def test_boolean_words(raw: str, value: bool) -> None:
+    assert parse_settings([], {"AVATAR_LOG_PROMPTS": raw}).log_prompts is value
+
+
+def test_only_the_given_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AVATAR_PORT", "9999")
+    monkeypatch.setenv("AVATAR_API_KEY", "from-the-machine")
+    assert parse_settings([], {}).port == 8000
+    assert Settings().api_key == []
+    assert parse_settings([]).port == 9999  # no mapping given: the process environment
 
 
 def test_every_setting_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:
