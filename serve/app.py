@@ -26,7 +26,7 @@ from serve.api.middleware import RequestGuard
 from serve.engine.base import Engine
 from serve.service import GenerationService
 from serve.settings import Settings
-from serve.telemetry import METRICS
+from serve.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 ENGINE_WATCH_INTERVAL_S = 0.25
@@ -37,7 +37,11 @@ def create_app(
     engine: Engine,
     *,
     on_engine_dead: Callable[[], None] | None = None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
+    """The app; it owns its metric families (``metrics``, a fresh set by default)."""
+    metrics = metrics if metrics is not None else Metrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watch = asyncio.create_task(_watch_engine(engine, on_engine_dead))
@@ -56,21 +60,22 @@ def create_app(
         settings.max_running_requests,
         settings.max_waiting_requests,
         settings.queue_timeout,
-        METRICS,
+        metrics,
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.admission = admission
     app.state.auth = BearerAuth(settings.api_key)
     app.state.service = GenerationService(engine, settings, admission)
-    METRICS.bind_engine(engine)
+    app.state.metrics = metrics
+    metrics.bind_engine(engine)
 
     app.include_router(generation.router)
     app.include_router(ops.router)
-    install_error_handlers(app, METRICS)
+    install_error_handlers(app, metrics)
     app.guard = partial(
         RequestGuard,
-        metrics=METRICS,
+        metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         max_request_duration=settings.max_request_duration,
     )

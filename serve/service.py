@@ -105,14 +105,14 @@ class GenerationService:
         if req.model not in self._model_names:
             raise model_not_found(req.model)
         if req.n != 1:
-            raise invalid_request("Only `n=1` is supported.", param="n")
+            raise invalid_request("`n` must be 1: one choice per request.", param="n")
         stops = req.stop_list()
         if len(stops) > self._max_stop:
             raise invalid_request(
-                f"At most {self._max_stop} stop sequences are allowed.", param="stop"
+                f"`stop` may hold at most {self._max_stop} sequences.", param="stop"
             )
         if any(not s for s in stops):
-            raise invalid_request("Stop sequences must not be empty.", param="stop")
+            raise invalid_request("`stop` sequences must not be empty.", param="stop")
 
     def _prepared(
         self,

@@ -1,9 +1,11 @@
 """Prometheus metrics, measured where the user feels them: from the moment the HTTP request
 arrives (vLLM's own clock starts later, at tokenization) to the last byte.
 
-vLLM registers its own ``vllm:*`` metrics in the same default registry, so ``/metrics`` exports
-both and existing vLLM dashboards keep working. Aborted and failed requests land in the latency
-histograms too, labelled with their finish reason.
+Our families live in a registry each app owns (``Metrics()``), so one app's counts are exact
+and tests need no before/after deltas. vLLM registers its ``vllm:*`` metrics, and
+prometheus_client its ``process_*`` ones, in the process-wide default registry; ``/metrics``
+exports both registries, so existing vLLM dashboards keep working. Aborted and failed requests
+land in the latency histograms too, labelled with their finish reason.
 """
 
 from __future__ import annotations
@@ -66,9 +68,11 @@ class EngineState(Protocol):
 
 
 class Metrics:
-    """The server's own metric families. One instance per registry."""
+    """The server's own metric families, in a registry of their own (a fresh one by default)."""
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        self.registry = registry
         labels = ("endpoint", "model", "finish_reason")
         self.ttft = Histogram(
             "avatar_time_to_first_token_seconds",
@@ -168,11 +172,9 @@ def _loop_tasks() -> float:
         return float("nan")
 
 
-METRICS = Metrics()
-
-
-def render_latest(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+def render_latest(metrics: Metrics) -> tuple[bytes, str]:
+    """One scrape: the app's families, then the process-wide ones (vLLM's, the process's)."""
+    return generate_latest(metrics.registry) + generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
 def exported_metric_names(registry: CollectorRegistry = REGISTRY) -> set[str]:

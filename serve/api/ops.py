@@ -51,6 +51,6 @@ def _unavailable(message: str, code: str) -> Response:
 
 
 @router.get("/metrics")
-async def metrics() -> Response:
-    body, content_type = render_latest()
+async def metrics(request: Request) -> Response:
+    body, content_type = render_latest(request.app.state.metrics)
     return Response(body, media_type=content_type)

@@ -66,14 +66,14 @@ async def test_leaving_mid_stream_aborts_the_engine_request(
     app_factory: Callable[..., FastAPI], engine: FakeEngine
 ) -> None:
     engine.token_delay = 0.01
-    before = metric_value(_metrics(), "avatar_client_disconnects_total", endpoint="chat")
+    app = app_factory()
     client = Client(chat_body(stream=True, max_tokens=200, ignore_eos=True), leave_after_frames=3)
-    await asyncio.wait_for(client.run(app_factory()), 5)
+    await asyncio.wait_for(client.run(app), 5)
     assert engine.num_unfinished_requests() == 0
     assert len(engine.aborted) == 1
-    assert (
-        metric_value(_metrics(), "avatar_client_disconnects_total", endpoint="chat") == before + 1
-    )
+    text = _metrics(app)
+    assert metric_value(text, "avatar_client_disconnects_total", endpoint="chat") == 1
+    assert metric_value(text, "avatar_requests_total", status="499", finish_reason="abort") == 1
     assert b"[DONE]" not in client.body_bytes
 
 
@@ -151,39 +151,29 @@ async def test_metrics_cover_finished_and_aborted_requests(
 ) -> None:
     app = app_factory()
     labels = {"endpoint": "chat", "model": "avatar-test"}
-    done0 = metric_value(
-        _metrics(), "avatar_time_to_first_token_seconds_count", finish_reason="length", **labels
-    )
-    abort0 = metric_value(
-        _metrics(), "avatar_e2e_request_latency_seconds_count", finish_reason="abort", **labels
-    )
     async with open_client(app) as c:
         await c.post("/v1/chat/completions", json=chat_body(stream=True, max_tokens=3))
     engine.token_delay = 0.01
     await Client(chat_body(stream=True, max_tokens=100, ignore_eos=True), leave_after_frames=2).run(
         app
     )
-    text = _metrics()
-    assert (
-        metric_value(
-            text, "avatar_time_to_first_token_seconds_count", finish_reason="length", **labels
-        )
-        == done0 + 1
-    )
-    assert (
-        metric_value(
-            text, "avatar_e2e_request_latency_seconds_count", finish_reason="abort", **labels
-        )
-        == abort0 + 1
-    )
-    assert metric_value(text, "avatar_inter_token_latency_seconds_count", **labels) > 0
-    assert metric_value(text, "avatar_time_to_first_sentence_seconds_count", **labels) > 0
+    text = _metrics(app)
+    done = {"finish_reason": "length", **labels}
+    aborted = {"finish_reason": "abort", **labels}
+    # Exact counts: the app owns its registry, so nothing from other tests is in it.
+    assert metric_value(text, "avatar_time_to_first_token_seconds_count", **done) == 1
+    assert metric_value(text, "avatar_e2e_request_latency_seconds_count", **done) == 1
+    assert metric_value(text, "avatar_e2e_request_latency_seconds_count", **aborted) == 1
+    # 3 tokens: 2 gaps; the aborted stream wrote 2 frames (role+first token, second): 1 gap.
+    assert metric_value(text, "avatar_inter_token_latency_seconds_count", **done) == 2
+    assert metric_value(text, "avatar_request_generation_tokens_sum", **done) == 3
+    assert metric_value(text, "avatar_time_to_first_sentence_seconds_count", **done) == 1
 
 
-def _metrics() -> str:
+def _metrics(app: FastAPI) -> str:
     from prometheus_client import generate_latest
 
-    return generate_latest().decode()
+    return generate_latest(app.state.metrics.registry).decode()
 
 
 async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
