@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest.client import ChatClient, list_models
+from loadtest.client import ChatClient, resolve_model
 from loadtest.report import emit, level_results
 from loadtest.runner import LevelRun, SendFn, run_level
 from loadtest.stats import Slo
@@ -34,7 +34,31 @@ def _levels(text: str, kind: type[float] | type[int]) -> list[Any]:
     return values
 
 
-def add_workload_args(parser: argparse.ArgumentParser) -> None:
+def add_endpoint_args(parser: argparse.ArgumentParser, timeout_s: float = 600.0) -> None:
+    """How to talk to the server: key, model and timeouts (the bench's and the soak's)."""
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="bearer token (default $OPENAI_API_KEY)",
+    )
+    parser.add_argument("--model", default=None, help="model name (default: first of GET /models)")
+    parser.add_argument(
+        "--timeout", type=float, default=timeout_s, help=f"per-request timeout, s ({timeout_s:g})"
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="fail a request when no bytes arrive for this many seconds",
+    )
+
+
+DEFAULT_MAX_TOKENS = IntRange(20, 200)
+
+
+def add_workload_args(
+    parser: argparse.ArgumentParser, max_tokens: IntRange = DEFAULT_MAX_TOKENS
+) -> None:
     g = parser.add_argument_group("workload")
     g.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     g.add_argument(
@@ -47,8 +71,8 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-tokens",
         type=IntRange.parse,
-        default=IntRange(20, 200),
-        help="reply length cap per request, N or LO:HI (default 20:200)",
+        default=max_tokens,
+        help=f"reply length cap per request, N or LO:HI (default {max_tokens})",
     )
     g.add_argument(
         "--ignore-eos",
@@ -191,11 +215,7 @@ async def bench_endpoint(
     args: argparse.Namespace, base_url: str, model: str | None, api_key: str | None
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[LevelRun]]:
     """Run the whole sweep against one endpoint; used by this CLI and by ``compare``."""
-    if not model:
-        models = await list_models(base_url, api_key)
-        if not models:
-            raise SystemExit(f"no models listed at {base_url}/models; pass --model")
-        model = models[0]
+    model = await resolve_model(base_url, model, api_key)
     async with ChatClient(
         base_url, model, api_key=api_key, ignore_eos=args.ignore_eos, timeout_s=args.timeout
     ) as client:
@@ -216,19 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="http://127.0.0.1:8000/v1",
         help="OpenAI-compatible base URL, ending in /v1",
     )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("OPENAI_API_KEY"),
-        help="bearer token (default $OPENAI_API_KEY)",
-    )
-    p.add_argument("--model", default=None, help="model name (default: first of GET /models)")
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s")
-    p.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=60.0,
-        help="fail a request when no bytes arrive for this many seconds",
-    )
+    add_endpoint_args(p)
     p.add_argument("--label", default="", help="name of this run, shown in plots and JSON")
     p.add_argument(
         "--out",

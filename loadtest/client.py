@@ -81,3 +81,13 @@ async def list_models(base_url: str, api_key: str | None = None) -> list[str]:
         resp.raise_for_status()
         data = await resp.json()
     return [m["id"] for m in data.get("data", [])]
+
+
+async def resolve_model(base_url: str, model: str | None, api_key: str | None = None) -> str:
+    """``model``, or when none is given the first model served at ``base_url``."""
+    if model:
+        return model
+    models = await list_models(base_url, api_key)
+    if not models:
+        raise SystemExit(f"no models listed at {base_url}/models; pass --model")
+    return models[0]
