@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from serve.demo_model import DEMO_MODEL_NAME as DEMO_SERVED_NAME
 from serve.settings import (
     ENV_PREFIX,
     PASSTHROUGH_ENV_PREFIXES,
@@ -36,7 +37,6 @@ AVATAR_ENGINE_DEFAULTS: dict[str, Any] = {
     "enable_prefix_caching": True,
     "enforce_eager": None,
 }
-DEMO_SERVED_NAME = "avatar-demo"
 # On CPU, vLLM's default GPU-memory fraction does not apply; size the KV cache to the machine.
 CPU_KV_CACHE_CAP_BYTES = 4 * 1024**3
 CPU_KV_CACHE_MEMORY_SHARE = 0.2

@@ -68,7 +68,11 @@ Goodbye for now! It was a pleasure talking with you. See you next time.
 """
 
 
-def _train_tokenizer(out_dir: Path) -> None:
+def train_tokenizer(out_dir: Path) -> None:
+    """Write the demo tokenizer (byte-level BPE, the chat template, BOS/EOS) into ``out_dir``.
+
+    Public: the GPU benchmark kit builds its large model around the same tokenizer.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -129,7 +133,7 @@ def build(out_dir: str | os.PathLike[str]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-model-", dir=target.parent))
     try:
-        _train_tokenizer(staging)
+        train_tokenizer(staging)
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(staging))

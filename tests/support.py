@@ -16,8 +16,11 @@ from pathlib import Path
 
 import httpx
 
+from serve.demo_model import DEMO_MODEL_NAME
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = ROOT / ".cache" / "demo-model"
+MODEL = DEMO_MODEL_NAME  # the name the server gives the demo model
 TEST_API_KEY = "test-key-123"
 # Small enough that several engines fit beside each other on a 24 GiB machine.
 TEST_KV_CACHE_BYTES = 256 * 1024 * 1024

@@ -176,7 +176,7 @@ def build_model(out_dir: Path, *, layers: int, device: str, shape: dict[str, Any
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT))
-    from serve.demo_model import BOS, EOS, _train_tokenizer
+    from serve.demo_model import BOS, EOS, train_tokenizer
 
     shape = dict(shape, num_hidden_layers=layers)
     stamp = json.dumps({"v": MODEL_VERSION, "shape": shape}, sort_keys=True)
@@ -188,7 +188,7 @@ def build_model(out_dir: Path, *, layers: int, device: str, shape: dict[str, Any
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    _train_tokenizer(out_dir)
+    train_tokenizer(out_dir)
     vocab = int(shape["vocab_size"])
     pad_tokenizer_vocab(out_dir / "tokenizer.json", vocab)
     tok_json = json.loads((out_dir / "tokenizer.json").read_text())

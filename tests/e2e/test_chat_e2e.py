@@ -11,9 +11,8 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from tests.support import TEST_API_KEY, ServerProcess, metric_value, wait_until
+from tests.support import MODEL, TEST_API_KEY, ServerProcess, metric_value, wait_until
 
-MODEL = "avatar-demo"
 MESSAGES = [
     {"role": "system", "content": "You are a friendly museum guide."},
     {"role": "user", "content": "Hello! When does the museum open?"},

@@ -9,9 +9,7 @@ import httpx
 import pytest
 
 from tests.hostile_inputs import CASES, body_for, raw_cases
-from tests.support import ServerProcess, metric_value
-
-MODEL = "avatar-demo"
+from tests.support import MODEL, ServerProcess, metric_value
 
 
 @pytest.mark.e2e

@@ -13,9 +13,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.support import metric_value, running_server, wait_until
-
-MODEL = "avatar-demo"
+from tests.support import MODEL, metric_value, running_server, wait_until
 
 
 def chat(**extra: object) -> dict[str, object]:
@@ -34,7 +32,7 @@ async def read_stream(client: httpx.AsyncClient, url: str, first: asyncio.Event)
 
 
 async def test_sigterm_drains_streams_then_exits_zero(tmp_path: Path) -> None:
-    with running_server(tmp_path / "server.log", "--drain-timeout", "60") as server:
+    with running_server(tmp_path / "server.log", "--drain-timeout", "180") as server:
         url = f"{server.base_url}/v1/chat/completions"
         async with httpx.AsyncClient(timeout=120) as client:
             firsts = [asyncio.Event() for _ in range(3)]

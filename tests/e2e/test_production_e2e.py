@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tests.support import (
+    MODEL,
     TEST_API_KEY,
     ServerProcess,
     free_port,
@@ -26,7 +27,6 @@ from tests.support import (
 )
 from tests.unit.test_fuzz import bodies, messages
 
-MODEL = "avatar-demo"
 LONG = {"max_tokens": 3800, "ignore_eos": True}
 
 
