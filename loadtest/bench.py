@@ -217,7 +217,12 @@ async def bench_endpoint(
     """Run the whole sweep against one endpoint; used by this CLI and by ``compare``."""
     model = await resolve_model(base_url, model, api_key)
     async with ChatClient(
-        base_url, model, api_key=api_key, ignore_eos=args.ignore_eos, timeout_s=args.timeout
+        base_url,
+        model,
+        api_key=api_key,
+        ignore_eos=args.ignore_eos,
+        timeout_s=args.timeout,
+        stall_timeout_s=args.stall_timeout,
     ) as client:
         runs = await run_levels(client.send, args)
     slo = Slo(args.slo_ttft_ms, args.slo_itl_ms)

@@ -336,15 +336,27 @@ def _start_all(servers: list[ServerProcess], timeout_s: float) -> None:
         )
 
 
+def build_demo_model(folder: Path) -> Path:
+    """The server's demo model, built by the server's own command: this package is a client
+    and imports nothing of the server, so it runs ``python -m serve.demo_model``."""
+    done = subprocess.run(
+        [sys.executable, "-m", "serve.demo_model", "--ensure", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"building the demo model failed:\n{done.stderr[-2000:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
 async def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(targets) - set(TARGETS):
         raise SystemExit(f"unknown targets: {sorted(unknown)}")
     model = args.model
     if model is None:
-        from serve.demo_model import ensure_built
-
-        model = str(ensure_built(DEMO_MODEL_DIR))
+        model = str(build_demo_model(DEMO_MODEL_DIR))
     flags = engine_flags(
         model,
         args.served_model_name,
@@ -412,7 +424,7 @@ async def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         for srv in servers.values():
             srv.stop()
 
-    mode, levels = sweep(args)
+    mode, sweep_levels = sweep(args)
     report: dict[str, Any] = {
         "meta": {
             "model": model,
@@ -421,7 +433,7 @@ async def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             "targets": targets,
             "rounds": args.rounds,
             "mode": mode,
-            "levels": levels,
+            "levels": sweep_levels,
             "num_requests": args.num_requests,
             "seed": args.seed,
             "turns": str(args.turns),

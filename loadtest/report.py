@@ -126,11 +126,11 @@ def write_outputs(
     paths["json"].write_text(json.dumps({"meta": meta, "levels": list(levels)}, indent=2))
     rows = [summary_row(lv) for lv in levels]
     with paths["summary_csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["mode"])
-        writer.writeheader()
-        writer.writerows(rows)
+        summary = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["mode"])
+        summary.writeheader()
+        summary.writerows(rows)
     with paths["requests_csv"].open("w", newline="") as f:
-        writer = None
+        writer: csv.DictWriter[str] | None = None
         for run in runs:
             for rec in run.records:
                 row = {"mode": run.mode, "level": run.level} | rec.to_row()

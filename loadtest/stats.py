@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ from loadtest.records import RequestRecord
 PERCENTILES = (50, 90, 99)
 
 
-def distribution(values_s: Iterable[float | None]) -> dict[str, float | int | None]:
+def distribution(values_s: Iterable[float | None]) -> Mapping[str, float | int | None]:
     """Mean, p50/p90/p99, min and max in milliseconds of the non-None values (seconds in)."""
     arr = np.fromiter((v for v in values_s if v is not None), dtype=float) * 1000.0
     if arr.size == 0:

@@ -167,8 +167,11 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m serve.demo_model", description="Build the tiny random demo model offline."
     )
     parser.add_argument("dir", help="folder to build the model into (replaced if present)")
+    parser.add_argument(
+        "--ensure", action="store_true", help="keep a model already built there by this version"
+    )
     args = parser.parse_args(argv)
-    print(build(args.dir))
+    print(ensure_built(args.dir) if args.ensure else build(args.dir))
 
 
 if __name__ == "__main__":

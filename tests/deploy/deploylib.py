@@ -391,8 +391,8 @@ class ContractUnavailable(Exception):
 def load_contract() -> ServerContract:
     """What the server really reads/serves/exports, from the serve package itself."""
     try:
+        from serve import cli, telemetry
         from serve import settings as s
-        from serve import telemetry
         from serve.app import create_app
         from serve.engine.fake import FakeEngine
     except ModuleNotFoundError as e:
@@ -401,23 +401,18 @@ def load_contract() -> ServerContract:
                 f"serve API not importable yet ({e}); drift cannot be checked"
             ) from e
         raise
-    known = s.known_env_vars()
-    if hasattr(s, "is_known_env_var"):
-        env_ok = s.is_known_env_var
-    else:
-        import fnmatch
-
-        env_ok = lambda n: n in known or any(fnmatch.fnmatchcase(n, k) for k in known if "*" in k)  # noqa: E731
     settings = s.Settings()
-    app = create_app(settings, FakeEngine())  # registers the app's metrics
-    metrics = set(telemetry.exported_metric_names())
+    app = create_app(settings, FakeEngine())
+    # /metrics serves the app's own registry plus the process-wide one (vLLM's).
+    metrics = telemetry.exported_metric_names(app.state.metrics.registry)
+    metrics |= telemetry.exported_metric_names()
     if not any(m.startswith("vllm:") for m in metrics):
         # vLLM registers its vllm:* collectors only when a real engine starts, which a
         # test with FakeEngine never does: take the names the installed vLLM defines.
         metrics |= vllm_defined_metric_names()
     return ServerContract(
-        env_ok=env_ok,
-        cli_flags=set(s.known_cli_flags()),
+        env_ok=cli.is_known_env_var,  # serve.cli is the one reader of flags and env
+        cli_flags=set(cli.known_cli_flags()),
         metrics=metrics,
         routes={getattr(r, "path", None) for r in app.routes} - {None},
         port=int(settings.port),

@@ -1,6 +1,6 @@
 """Manifests and server agree: env vars, CLI flags, probe paths/ports, metric names.
 
-The server side comes from the serve package (settings.known_env_vars/known_cli_flags,
+The server side comes from the serve package (cli.is_known_env_var/known_cli_flags,
 telemetry.exported_metric_names, app.create_app routes); the manifest side is parsed
 from the rendered kustomize output, the dashboard JSON and every PromQL expression.
 """
