@@ -53,7 +53,9 @@ async def test_two_hundred_clients_that_give_up(
 
     async def one(i: int, client: httpx.AsyncClient) -> None:
         nonlocal gave_up
-        deadline = 0.02 + (i % 10) * 0.03  # the client's whole budget: 20 ms .. 290 ms
+        # The client's whole budget, 0.2 s .. 2.9 s: long enough for the request to reach a
+        # busy server, far too short for a 3,800-token answer.
+        deadline = 0.2 + (i % 10) * 0.3
         body = chat(stream=i % 2 == 0, **LONG)
         try:
             # The budget starts once a connection slot is free, so every request reaches
@@ -83,8 +85,8 @@ async def test_two_hundred_clients_that_give_up(
     def grew(name: str, **labels: str) -> float:
         return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
-    # A client with a 20 ms budget may leave before its request is even read: the server never
-    # sees it. Every request the server did see ended as a departure (499, abort).
+    # A client may leave before its request is even read (the server never sees it); on a
+    # loaded machine a few do. Every request the server did see ended as a departure.
     seen = grew("avatar_requests_total", endpoint="chat")
     assert seen >= 150, f"only {seen} requests reached the server"
     assert (
