@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import os
 import typing
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -188,16 +188,17 @@ def _describe(exc: ValidationError) -> str:
 
 
 def finalize_engine_args(
-    settings: Settings, environ: MutableMapping[str, str] | None = None
+    settings: Settings, environ: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """Resolve what depends on the machine: the demo model, CPU defaults, engine environment.
+    """Resolve what depends on the machine: the demo model, CPU defaults.
 
     Returns the final ``AsyncEngineArgs`` fields and records them in ``settings.engine_args``.
-    The engine's environment defaults are set here, the one place engine arguments are built.
+    This is the one place engine arguments are built; it sets no engine environment. (An
+    earlier ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` default was dropped: only vLLM's synchronous
+    ``LLMEngine`` reads it, and ``AsyncLLM`` runs its engine core in a process of its own
+    regardless, as tests/e2e/test_lifecycle_e2e.py checks.)
     """
     environ = os.environ if environ is None else environ
-    # One engine process instead of two on CPU: halves start-up, same serving path.
-    environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm.platforms import current_platform
 
     from serve import demo_model
