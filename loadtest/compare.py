@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loadtest import DEMO_MODEL_NAME
 from loadtest.bench import add_load_args, add_workload_args, bench_endpoint, sweep
 from loadtest.report import format_table, write_outputs
 from loadtest.servers import ServerProcess, engine_flags, free_port, ours_command, vllm_command
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"model folder or id (default: the demo model, built in {DEMO_MODEL_DIR})",
     )
-    p.add_argument("--served-model-name", default="avatar-demo")
+    p.add_argument("--served-model-name", default=DEMO_MODEL_NAME)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument(
         "--kv-cache-memory-bytes",

@@ -32,6 +32,7 @@ except ImportError:
     # package, make the repository root importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from loadtest import DEMO_MODEL_NAME
 from loadtest.payload import auth_headers, chat_payload
 from loadtest.records import RequestRecord
 from loadtest.sse import RawLine, record_from_sse
@@ -49,7 +50,7 @@ class SloViolation(Exception):
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser: Any) -> None:
     parser.add_argument(
-        "--model", env_var="LOADTEST_MODEL", default="avatar-demo", help="model name to request"
+        "--model", env_var="LOADTEST_MODEL", default=DEMO_MODEL_NAME, help="model name to request"
     )
     parser.add_argument("--api-key", env_var="OPENAI_API_KEY", default="", help="bearer token")
     parser.add_argument(

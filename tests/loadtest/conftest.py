@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from loadtest import DEMO_MODEL_NAME
 from loadtest.servers import ServerProcess, engine_flags, free_port, ours_command, vllm_command
 
 READY_TIMEOUT_S = 300.0  # engine start on 2 shared cores is 15-60 s; this is only a bound
-SERVED_NAME = "avatar-demo"
+SERVED_NAME = DEMO_MODEL_NAME
 
 
 def _needs_engine() -> None:

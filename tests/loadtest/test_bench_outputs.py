@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtest import DEMO_MODEL_NAME
 from loadtest.records import build_record
 from loadtest.report import format_table, level_results, write_outputs
 from loadtest.runner import LevelRun
@@ -60,7 +61,7 @@ def test_short_bench_run(server_url: str, tmp_path: Path) -> None:
         "--base-url",
         f"{server_url}/v1",
         "--model",
-        "avatar-demo",
+        DEMO_MODEL_NAME,
         "--concurrency",
         "1,4",
         "--num-requests",

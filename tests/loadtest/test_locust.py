@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from loadtest import DEMO_MODEL_NAME
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -42,7 +44,7 @@ def test_locust_reports_streaming_entries(server_url: str, tmp_path: Path) -> No
         str(prefix),
         "--only-summary",
         "--model",
-        "avatar-demo",
+        DEMO_MODEL_NAME,
         "--ignore-eos",
         "--max-tokens",
         "16:48",

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from loadtest import DEMO_MODEL_NAME
 from loadtest.servers import ServerProcess, engine_flags, free_port, ours_command
 from loadtest.soak import build_parser, run_soak
 from loadtest.soak_hostile import has_error_shape, hostile_cases
@@ -246,7 +247,7 @@ API_KEY = "soak-test-key"
 def small_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Ours on the demo model with room for 2 running and 2 waiting: bursts must draw 429s."""
     port = free_port()
-    flags = engine_flags(str(demo_model), "avatar-demo", kv_cache_memory_bytes=256 << 20)
+    flags = engine_flags(str(demo_model), DEMO_MODEL_NAME, kv_cache_memory_bytes=256 << 20)
     limits = ["--max-running-requests", "2", "--max-waiting-requests", "2", "--api-key", API_KEY]
     srv = ServerProcess(
         "serve",

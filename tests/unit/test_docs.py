@@ -25,3 +25,10 @@ def test_every_metric_is_in_the_readme() -> None:
     for family in families:
         documented = f"`{family}`" in README or f"`{family}_total`" in README
         assert documented, family
+
+
+def test_the_load_tools_default_to_the_demo_models_name() -> None:
+    import loadtest
+    from serve.demo_model import DEMO_MODEL_NAME
+
+    assert loadtest.DEMO_MODEL_NAME == DEMO_MODEL_NAME
