@@ -350,10 +350,13 @@ def _scrape(base_url: str) -> str:
 
 def metric_sum(text: str, name: str) -> float | None:
     """Sum of the samples of ``name`` in a Prometheus text scrape; None when it has none."""
+    from prometheus_client.parser import text_string_to_metric_families  # in the image
+
     values = [
-        float(line.rsplit(None, 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " ")
+        float(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
     ]
     return sum(values) if values else None
 

@@ -59,8 +59,6 @@ class FakeEngine:
             raise EngineDeadError("the engine is not running")
         if any(not 0 <= t < self._vocab_size for t in prompt_token_ids):
             raise EngineInputError("Token id out of vocabulary", param="prompt", public=True)
-        if options.min_tokens > options.max_tokens:
-            raise EngineInputError("min_tokens must be <= max_tokens", param="min_tokens")
         self.seen.append((request_id, list(prompt_token_ids), options))
         self._unfinished.add(request_id)
         finished = False

@@ -221,16 +221,18 @@ async def test_admission_and_deadline(limited_server: ServerProcess) -> None:
         running = [
             asyncio.create_task(client.post(url, json=chat(stream=True, **LONG))) for _ in range(2)
         ]
-        # Poll from a thread: the event loop must keep sending the requests meanwhile.
-        await asyncio.to_thread(
-            wait_until,
-            lambda: metric_value(limited_server.metrics(), "avatar_requests_running") == 2, 10,
-        )  # fmt: skip
+        metrics_url = f"{limited_server.base_url}/metrics"
+
+        async def until_gauge(name: str, value: float) -> None:
+            # Polled on this loop (it keeps the requests moving between polls), not from a
+            # worker thread: a thread poll once missed the whole 5 s queue wait.
+            async with asyncio.timeout(20):
+                while metric_value((await client.get(metrics_url)).text, name) != value:
+                    await asyncio.sleep(0.05)
+
+        await until_gauge("avatar_requests_running", 2)
         waiting = asyncio.create_task(client.post(url, json=chat(**LONG)))
-        await asyncio.to_thread(
-            wait_until,
-            lambda: metric_value(limited_server.metrics(), "avatar_requests_waiting") == 1, 10,
-        )  # fmt: skip
+        await until_gauge("avatar_requests_waiting", 1)
         started = time.perf_counter()
         refused = await client.post(url, json=chat())
         assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
