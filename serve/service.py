@@ -54,22 +54,34 @@ class GenerationService:
     async def prepare_chat(
         self, req: ChatCompletionRequest, record: RequestRecord, request_id: str
     ) -> Prepared:
+        record.parsed = time.perf_counter()
         self._check_common(req, record)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in req.messages
         ]
         if sum(len(m["content"]) for m in messages) > _OFFLOAD_CHARS:
-            prompt_ids = await asyncio.to_thread(self._engine.render_chat, messages)
+            prompt_ids = await asyncio.to_thread(self._render_and_encode, messages, record)
         else:
-            prompt_ids = self._engine.render_chat(messages)
+            prompt_ids = self._render_and_encode(messages, record)
         if self._log_prompts:
             record.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
         return self._prepared(req, record, request_id, prompt_ids, "chatcmpl-", chat=True)
 
+    def _render_and_encode(
+        self, messages: list[dict[str, str]], record: RequestRecord
+    ) -> list[int]:
+        text = self._engine.render_chat(messages)
+        record.rendered = time.perf_counter()
+        # The template already holds the special tokens (BOS, turn markers): add none twice.
+        ids = self._engine.encode(text, add_special_tokens=False)
+        record.tokenized = time.perf_counter()
+        return ids
+
     async def prepare_completion(
         self, req: CompletionRequest, record: RequestRecord, request_id: str
     ) -> Prepared:
+        record.parsed = time.perf_counter()
         self._check_common(req, record)
         if req.echo:
             raise invalid_request("`echo` is not supported.", param="echo")
@@ -86,6 +98,7 @@ class GenerationService:
                 prompt_ids = self._engine.encode(text)
             if self._log_prompts:
                 record.prompt_text = text
+        record.tokenized = time.perf_counter()
         if not prompt_ids:
             raise invalid_request("The prompt is empty.", param="prompt")
         return self._prepared(req, record, request_id, prompt_ids, "cmpl-", chat=False)
@@ -197,6 +210,8 @@ class GenerationService:
         except BaseException:
             await close()
             raise
+        record.first_delta = time.perf_counter()
+        record.engine_times = first.engine_times
         if first.num_prompt_tokens is not None:
             record.prompt_tokens = first.num_prompt_tokens  # the engine's count is the truth
         if p.stream:

@@ -48,9 +48,30 @@ QUEUE_BUCKETS = (
     10.0,
     30.0,
 )
+# The stages before the first token are often well under a millisecond each.
+STAGE_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
 TOKEN_BUCKETS = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
 
 SENTENCE_ENDS = frozenset(".!?\n")
+
+# The stages of the time to first token, in order (``RequestRecord.ttft_stages``).
+TTFT_STAGES = {
+    "receive": "arrival to the whole request body read",
+    "parse": "the body parsed and validated into a request",
+    "render": "the chat template applied (chat only)",
+    "tokenize": "the prompt turned into token ids",
+    "validate": "the context-window check, sampling options and frame templates",
+    "admit": "waiting for an engine slot (admission)",
+    "submit": "the engine's input processing and hand-off to the engine core",
+    "engine_queue": "waiting in the engine's scheduler",
+    "prefill": "the engine computing the first token",
+    "output": "the first token on its way back: output handler, detokenizer",
+    "engine": "submit to the first output, when the engine reports no timestamps",
+    "write": "the first frame formatted and handed to the socket",
+}
 
 REJECT_REASONS = ("overload", "auth", "validation", "draining", "queue_timeout", "too_large")
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -98,6 +119,13 @@ class Metrics:
             "avatar_queue_wait_seconds",
             "Time a request waited for admission to the engine.",
             ("endpoint", "model"), buckets=QUEUE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.ttft_stage = Histogram(
+            "avatar_ttft_stage_seconds",
+            "Where the time to first token goes, one stage at a time (stages: "
+            + ", ".join(TTFT_STAGES)
+            + "); the stages of one request add up to its TTFT.",
+            ("endpoint", "stage"), buckets=STAGE_BUCKETS, registry=registry,
         )  # fmt: skip
         self.prompt_tokens_hist = Histogram(
             "avatar_request_prompt_tokens", "Prompt tokens per request.",
@@ -197,8 +225,16 @@ class RequestRecord:
     endpoint: str
     model: str
     arrival: float
+    # Stamps on the way to the first token (perf_counter), in order; see ``ttft_stages``.
+    body_read: float | None = None
+    parsed: float | None = None
+    rendered: float | None = None  # chat template applied (chat only)
+    tokenized: float | None = None
     queued: float | None = None  # validated and asking for an engine slot
     admitted: float | None = None
+    # The engine's own stamps of its first output (queued, scheduled, first token), when known.
+    engine_times: tuple[float, float, float] | None = None
+    first_delta: float | None = None  # the engine's first output reached the request
     first_token: float | None = None
     first_sentence: float | None = None
     last_token: float | None = None
@@ -220,12 +256,52 @@ class RequestRecord:
         if self.first_sentence is None and not SENTENCE_ENDS.isdisjoint(text):
             self.first_sentence = now
 
+    def ttft_stages(self) -> list[tuple[str, float]]:
+        """The time to first token, split into consecutive stages (seconds each).
+
+        Stages whose stamps are missing (a text completion has no template; an engine that
+        reports no timestamps) merge into the next one, so the stages always add up to the TTFT.
+        """
+        if self.first_token is None:
+            return []
+        stamps: list[tuple[str, float | None]] = [
+            ("receive", self.body_read),
+            ("parse", self.parsed),
+            ("render", self.rendered),
+            ("tokenize", self.tokenized),
+            ("validate", self.queued),
+            ("admit", self.admitted),
+        ]
+        times = self.engine_times
+        # The engine's stamps count only when they fall inside our own window (same clock).
+        if (
+            times is not None
+            and self.admitted is not None
+            and self.first_delta is not None
+            and self.admitted <= times[0] <= times[1] <= times[2] <= self.first_delta
+        ):
+            stamps += [("submit", times[0]), ("engine_queue", times[1]), ("prefill", times[2])]
+            stamps.append(("output", self.first_delta))
+        else:
+            stamps.append(("engine", self.first_delta))
+        stamps.append(("write", self.first_token))
+        stages: list[tuple[str, float]] = []
+        start = self.arrival
+        for name, stamp in stamps:
+            if stamp is None:
+                continue
+            stages.append((name, stamp - start))
+            start = stamp
+        return stages
+
     def finish(self, metrics: Metrics, now: float | None = None) -> None:
         now = time.perf_counter() if now is None else now
         reason = self.finish_reason or "error"
         labels = (self.endpoint, self.model, reason)
         if self.first_token is not None:
             metrics.ttft.labels(*labels).observe(self.first_token - self.arrival)
+            for stage, seconds in self.ttft_stages():
+                metrics.ttft_stage.labels(self.endpoint, stage).observe(seconds)
         if self.first_sentence is not None:
             metrics.ttfs.labels(*labels).observe(self.first_sentence - self.arrival)
         if self.gaps:

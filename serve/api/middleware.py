@@ -122,6 +122,7 @@ class RequestGuard:
             body = await self._read_body(scope, receive, send_with_id, guard)
             if body is None:
                 return
+            record.body_read = time.perf_counter()
             watcher = asyncio.create_task(self._watch(receive, guard))
             await self._call_app(scope, _replay(body, guard), send_with_id, guard)
         except asyncio.CancelledError:
@@ -240,6 +241,9 @@ class RequestGuard:
                 entry["model"] = record.model
             if record.first_token is not None:
                 entry["ttft_ms"] = round((record.first_token - arrival) * 1000, 2)
+                entry["ttft_stages_ms"] = {
+                    stage: round(seconds * 1000, 3) for stage, seconds in record.ttft_stages()
+                }
             entry["prompt_tokens"] = record.prompt_tokens
             entry["output_tokens"] = record.output_tokens
             entry["finish_reason"] = record.finish_reason

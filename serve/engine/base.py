@@ -35,13 +35,16 @@ class Delta:
     """What one engine step added to one request: new text, never the text so far.
 
     ``finish_reason`` is set on the last delta only: "stop", "length" or "abort".
-    ``num_prompt_tokens`` is set on the first delta.
+    ``num_prompt_tokens`` is set on the first delta, and ``engine_times`` on it when the engine
+    keeps them: when it queued the request, first scheduled it and made its first token, on the
+    clock of ``time.perf_counter`` (the TTFT breakdown reads them).
     """
 
     text: str
     num_tokens: int
     finish_reason: str | None = None
     num_prompt_tokens: int | None = None
+    engine_times: tuple[float, float, float] | None = None
 
 
 class EngineError(Exception):
@@ -83,12 +86,12 @@ class Engine(Protocol):
         """Token ids a prompt may hold are ``0 <= id < vocab_size``."""
         ...
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Apply the model's chat template with a generation prompt and return token ids."""
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        """Apply the model's chat template with a generation prompt; return the prompt text."""
         ...
 
-    def encode(self, text: str) -> list[int]:
-        """Tokenize a plain prompt (for /v1/completions)."""
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize a prompt. A rendered chat prompt already holds its special tokens."""
         ...
 
     def generate(

@@ -8,6 +8,7 @@ slow it down (``token_delay``), hold it before the first token (``first_token_ga
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, Sequence
 
 from serve.engine.base import Delta, EngineDeadError, EngineInputError, SamplingOptions
@@ -44,12 +45,11 @@ class FakeEngine:
     def kill(self) -> None:
         self._alive = False
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         self.rendered.append([dict(m) for m in messages])
-        text = " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
-        return self.encode(text)
+        return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return [min(len(word), self._vocab_size - 1) for word in text.split()]
 
     async def generate(
@@ -61,6 +61,7 @@ class FakeEngine:
             raise EngineInputError("Token id out of vocabulary", param="prompt", public=True)
         self.seen.append((request_id, list(prompt_token_ids), options))
         self._unfinished.add(request_id)
+        queued = time.perf_counter()
         finished = False
         try:
             if self.first_token_gate is not None:
@@ -83,11 +84,19 @@ class FakeEngine:
                     finished = True
                     yield Delta(word, 1, "stop", len(prompt_token_ids) if i == 0 else None)
                     return
+                if i == 0:
+                    engine_times = (queued, queued, time.perf_counter())
                 last = i == options.max_tokens - 1
                 eos = not options.ignore_eos and word == "?" and i >= options.min_tokens
                 reason = "stop" if eos else ("length" if last else None)
                 finished = reason is not None
-                yield Delta(word, 1, reason, len(prompt_token_ids) if i == 0 else None)
+                yield Delta(
+                    word,
+                    1,
+                    reason,
+                    len(prompt_token_ids) if i == 0 else None,
+                    engine_times if i == 0 else None,
+                )
                 if finished:
                     return
         finally:

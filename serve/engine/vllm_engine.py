@@ -104,17 +104,15 @@ class VllmEngine:
     def vocab_size(self) -> int:
         return self._vocab_size
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        text = str(
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        return str(
             self._tokenizer.apply_chat_template(
                 list(messages), add_generation_prompt=True, tokenize=False
             )
         )
-        # The template already holds the special tokens (BOS, turn markers): add none twice.
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text))
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     async def generate(
         self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
@@ -133,6 +131,7 @@ class VllmEngine:
                 )
                 if first:
                     delta.num_prompt_tokens = len(out.prompt_token_ids or prompt_token_ids)
+                    delta.engine_times = _engine_times(out.metrics)
                     first = False
                 yield delta
         except VllmEngineDeadError as exc:
@@ -164,6 +163,22 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _engine_times(stats: Any) -> tuple[float, float, float] | None:
+    """The engine core's stamps of a request's first output (queued, scheduled, first token).
+
+    They are ``time.monotonic()`` in the engine-core process; on Linux that is the clock
+    ``time.perf_counter`` reads too (CLOCK_MONOTONIC, system-wide). Absent without stats.
+    """
+    if stats is None:
+        return None
+    times = (
+        getattr(stats, "queued_ts", 0.0),
+        getattr(stats, "scheduled_ts", 0.0),
+        getattr(stats, "first_token_ts", 0.0),
+    )
+    return times if all(t > 0.0 for t in times) else None
 
 
 def _sampling_params(options: SamplingOptions) -> SamplingParams:

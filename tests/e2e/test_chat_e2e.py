@@ -233,3 +233,30 @@ async def test_metrics_export_ours_and_vllms(server: ServerProcess) -> None:
         assert any(line.startswith(name) for line in text.splitlines()), name
     assert metric_value(text, "avatar_time_to_first_token_seconds_count", endpoint="chat") >= 1
     assert metric_value(text, "avatar_engine_alive") == 1
+
+
+async def test_ttft_breakdown_reads_the_engines_own_stamps(server: ServerProcess) -> None:
+    """On vLLM the breakdown splits the engine's share: hand-off, scheduler queue, prefill."""
+    request_id = "ttft-breakdown-e2e"
+    client = sdk(server)
+    stream = await client.chat.completions.create(  # type: ignore[call-overload]
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=4,
+        stream=True,
+        extra_headers={"X-Request-Id": request_id},
+    )
+    async for _ in stream:
+        pass
+    entry = wait_until(lambda: _access_entry(server, request_id), 10, what="access-log line")
+    stages = entry["ttft_stages_ms"]
+    assert isinstance(stages, dict)
+    assert list(stages) == [
+        "receive", "parse", "render", "tokenize", "validate", "admit",
+        "submit", "engine_queue", "prefill", "output", "write",
+    ]  # fmt: skip
+    assert abs(sum(stages.values()) - float(entry["ttft_ms"])) < 0.05  # type: ignore[arg-type]
+    text = server.metrics()
+    assert (
+        metric_value(text, "avatar_ttft_stage_seconds_count", endpoint="chat", stage="prefill") >= 1
+    )

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 
 from tests.support import metric_value
-from tests.unit.conftest import chat_body
+from tests.unit.conftest import MODEL, chat_body
 
 
 async def _tasks(client: httpx.AsyncClient) -> float:
@@ -28,3 +28,66 @@ async def test_event_loop_tasks_return_to_their_level_after_streams(
     texts = await asyncio.gather(*(stream() for _ in range(20)))
     assert all(t.endswith("data: [DONE]") for t in texts)
     assert await _tasks(client) == before
+
+
+def _stage_sums(text: str, endpoint: str) -> dict[str, tuple[float, float]]:
+    """``stage -> (count, sum)`` of the TTFT-stage histogram for one endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "avatar_ttft_stage_seconds":
+            continue
+        for s in family.samples:
+            if s.labels.get("endpoint") != endpoint or s.name.endswith("_bucket"):
+                continue
+            slot = out.setdefault(s.labels["stage"], [0.0, 0.0])
+            slot[0 if s.name.endswith("_count") else 1] = s.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+async def test_ttft_stages_cover_the_whole_ttft_in_order(client: httpx.AsyncClient) -> None:
+    for _ in range(3):
+        r = await client.post("/v1/chat/completions", json=chat_body(stream=True))
+        assert r.status_code == 200
+    text = (await client.get("/metrics")).text
+    stages = _stage_sums(text, "chat")
+    # The fake engine reports its own stamps, so the engine's three stages appear.
+    assert list(stages) == [
+        "receive", "parse", "render", "tokenize", "validate", "admit",
+        "submit", "engine_queue", "prefill", "output", "write",
+    ]  # fmt: skip
+    assert all(count == 3 for count, _ in stages.values())
+    assert all(total >= 0 for _, total in stages.values())
+    ttft = metric_value(
+        text,
+        "avatar_time_to_first_token_seconds_sum",
+        endpoint="chat",
+        model=MODEL,
+        finish_reason="length",
+    )
+    assert abs(sum(total for _, total in stages.values()) - ttft) < 1e-6
+
+
+async def test_text_completion_stages_have_no_template(client: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "prompt": "hello there", "max_tokens": 3}
+    assert (await client.post("/v1/completions", json=body)).status_code == 200
+    stages = _stage_sums((await client.get("/metrics")).text, "completions")
+    assert "render" not in stages and "tokenize" in stages and "write" in stages
+
+
+def test_engine_stamps_outside_our_window_fold_into_one_engine_stage() -> None:
+    from serve.telemetry import RequestRecord
+
+    record = RequestRecord("chat", MODEL, arrival=10.0, body_read=10.1, parsed=10.2)
+    record.rendered, record.tokenized, record.queued, record.admitted = 10.3, 10.4, 10.5, 10.6
+    record.first_delta, record.first_token = 11.0, 11.2
+    record.engine_times = (5.0, 5.1, 5.2)  # a clock we cannot compare with ours
+    stages = dict(record.ttft_stages())
+    assert "submit" not in stages and abs(stages["engine"] - 0.4) < 1e-9
+    assert abs(sum(stages.values()) - 1.2) < 1e-9
+    record.engine_times = (10.7, 10.8, 10.9)
+    stages = dict(record.ttft_stages())
+    assert [round(stages[k], 6) for k in ("submit", "engine_queue", "prefill", "output")] == [
+        0.1, 0.1, 0.1, 0.1,
+    ]  # fmt: skip
