@@ -56,6 +56,14 @@ class Settings(BaseModel):
         DEFAULT_DEMO_DIR,
         description="Where the built-in demo model is built when no --model is given.",
     )
+    api_server_count: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Front-end processes sharing the port, each attached to the one engine core "
+        "(vLLM's --api-server-count). More than 1 when the HTTP process, not the GPU, is the "
+        "ceiling; admission limits are split between them.",
+    )
     max_running_requests: int = Field(
         256, ge=1, description="Requests admitted to the engine at once; more wait in the queue."
     )

@@ -75,20 +75,35 @@ class VllmEngine:
         self._vocab_size = max(int(last_tokenizer_id) + 1, llm.model_config.get_vocab_size())
 
     @classmethod
-    def from_engine_args(cls, engine_args: dict[str, Any]) -> VllmEngine:
-        """Start the engine from ``AsyncEngineArgs`` fields (loading the model takes a while)."""
+    def from_engine_args(
+        cls,
+        engine_args: dict[str, Any],
+        *,
+        vllm_config: VllmConfig | None = None,
+        client: dict[str, Any] | None = None,
+    ) -> VllmEngine:
+        """Start the engine from ``AsyncEngineArgs`` fields (loading the model takes a while).
+
+        With ``client`` (vLLM's client config: ``client_index``, ``client_count`` and the engine
+        core's addresses) this is one of several front ends attached to an engine core that
+        was launched apart, as ``vllm serve --api-server-count`` does; nothing is loaded here.
+        """
         args = AsyncEngineArgs(**engine_args)
         kv_cache_usage = [0.0]  # written by the probe on each engine step, read at scrape time
 
         def probe(vllm_config: Any, engine_index: int = 0) -> StatLoggerBase:
             return _SchedulerStatsProbe(vllm_config, engine_index, kv_cache_usage)
 
+        client = dict(client or {})
         llm = AsyncLLM.from_vllm_config(
-            engine_config(args),
+            vllm_config if vllm_config is not None else engine_config(args),
             usage_context=SERVER_USAGE,
             stat_loggers=[probe],
             enable_log_requests=args.enable_log_requests,
             disable_log_stats=args.disable_log_stats,
+            client_count=client.pop("client_count", 1),
+            client_index=client.pop("client_index", 0),
+            client_addresses=client or None,
         )
         return cls(llm, kv_cache_usage)
 
