@@ -30,6 +30,7 @@ from serve.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 ENGINE_WATCH_INTERVAL_S = 0.25
+METRICS_REFRESH_INTERVAL_S = 1.0
 
 
 def create_app(
@@ -38,17 +39,25 @@ def create_app(
     *,
     on_engine_dead: Callable[[], None] | None = None,
     metrics: Metrics | None = None,
+    peers_ready: Callable[[], bool] | None = None,
 ) -> FastAPI:
-    """The app; it owns its metric families (``metrics``, a fresh set by default)."""
+    """The app; it owns its metric families (``metrics``, a fresh set by default).
+
+    ``peers_ready``: with several front-end processes, whether every one of them serves;
+    ``/ready`` fails until it does.
+    """
     metrics = metrics if metrics is not None else Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watch = asyncio.create_task(_watch_engine(engine, on_engine_dead))
+        refresh = asyncio.create_task(_refresh_metrics(metrics)) if metrics.multiprocess else None
         try:
             yield
         finally:
             watch.cancel()
+            if refresh is not None:
+                refresh.cancel()
 
     app = _App(
         title="avatar-llm-serve",
@@ -68,6 +77,7 @@ def create_app(
     app.state.auth = BearerAuth(settings.api_key)
     app.state.service = GenerationService(engine, settings, admission)
     app.state.metrics = metrics
+    app.state.peers_ready = peers_ready
     metrics.bind_engine(engine)
 
     app.include_router(generation.router)
@@ -106,6 +116,13 @@ async def _watch_engine(engine: Engine, on_dead: Callable[[], None] | None) -> N
     log.critical("the engine has died: liveness and readiness now fail")
     if on_dead is not None:
         on_dead()
+
+
+async def _refresh_metrics(metrics: Metrics) -> None:
+    # Several front ends: engine gauges are written to the shared files, not read at scrape.
+    while True:
+        metrics.refresh()
+        await asyncio.sleep(METRICS_REFRESH_INTERVAL_S)
 
 
 def _hoist_schema_defs(app: FastAPI) -> None:

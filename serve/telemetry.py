@@ -17,6 +17,7 @@ from typing import Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Voice latency is sub-second: resolve TTFT down to a few milliseconds.
 TTFT_BUCKETS = (
@@ -89,11 +90,24 @@ class EngineState(Protocol):
 
 
 class Metrics:
-    """The server's own metric families, in a registry of their own (a fresh one by default)."""
+    """The server's own metric families, in a registry of their own (a fresh one by default).
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    ``multiprocess``: one of several front-end processes (``--api-server-count``). Values then
+    live in prometheus_client's shared files (``PROMETHEUS_MULTIPROC_DIR``, set up by the
+    launcher before any front end starts), a scrape of any process reads them all, and the
+    gauges say how processes combine: counts of requests add up, the engine is alive only if
+    every process sees it alive. Gauges that read engine state are refreshed by ``refresh()``
+    (every second, and on each scrape) instead of being computed at scrape time, since a scrape
+    only runs in one process.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess: bool = False
+    ) -> None:
         registry = registry if registry is not None else CollectorRegistry()
         self.registry = registry
+        self.multiprocess = multiprocess
+        self._engine: EngineState | None = None
         labels = ("endpoint", "model", "finish_reason")
         self.ttft = Histogram(
             "avatar_time_to_first_token_seconds",
@@ -154,42 +168,62 @@ class Metrics:
             "avatar_generation_tokens_total", "Tokens generated.", registry=registry
         )
         self.running = Gauge(
-            "avatar_requests_running", "Requests admitted to the engine.", registry=registry
-        )
+            "avatar_requests_running", "Requests admitted to the engine.", registry=registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.waiting = Gauge(
-            "avatar_requests_waiting", "Requests waiting for admission.", registry=registry
-        )
+            "avatar_requests_waiting", "Requests waiting for admission.", registry=registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.kv_cache_usage = Gauge(
             "avatar_kv_cache_usage_ratio", "Fraction of the engine's KV cache in use (0..1).",
-            registry=registry,
+            registry=registry, multiprocess_mode="livemax",
         )  # fmt: skip
         self.engine_unfinished = Gauge(
             "avatar_engine_unfinished_requests",
             "Requests the engine holds that have not finished (0 once every client is served "
             "or gone: a request that outlives its client shows here).",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.engine_alive = Gauge(
             "avatar_engine_alive", "1 while the engine is alive, 0 once it has died.",
-            registry=registry,
+            registry=registry, multiprocess_mode="livemin",
         )  # fmt: skip
         self.loop_tasks = Gauge(
             "avatar_event_loop_tasks",
-            "asyncio tasks alive on the server's event loop at scrape time (flat under steady "
-            "load; growth means a leak).",
+            "asyncio tasks alive on the server's event loop(s) at scrape time (flat under "
+            "steady load; growth means a leak).",
             registry=registry,
+            multiprocess_mode="livesum",
         )
-        self.loop_tasks.set_function(_loop_tasks)
+        if not multiprocess:
+            self.loop_tasks.set_function(_loop_tasks)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)  # export zeros, so rate() works from the first scrape
 
     def bind_engine(self, engine: EngineState) -> None:
         """Read engine state at scrape time rather than on the request path."""
+        self._engine = engine
+        if self.multiprocess:
+            self.refresh()
+            return
         self.kv_cache_usage.set_function(lambda: engine.kv_cache_usage() or 0.0)
         self.engine_alive.set_function(lambda: 1.0 if engine.is_alive else 0.0)
         self.engine_unfinished.set_function(
             lambda: engine.num_unfinished_requests() if engine.is_alive else 0
         )
+
+    def refresh(self) -> None:
+        """Multiprocess mode: write this process's view of the engine into the shared gauges."""
+        engine = self._engine
+        if not self.multiprocess or engine is None:
+            return
+        alive = engine.is_alive
+        self.engine_alive.set(1.0 if alive else 0.0)
+        self.kv_cache_usage.set(engine.kv_cache_usage() or 0.0)
+        self.engine_unfinished.set(engine.num_unfinished_requests() if alive else 0)
+        self.loop_tasks.set(_loop_tasks())
 
 
 def _loop_tasks() -> float:
@@ -201,7 +235,16 @@ def _loop_tasks() -> float:
 
 
 def render_latest(metrics: Metrics) -> tuple[bytes, str]:
-    """One scrape: the app's families, then the process-wide ones (vLLM's, the process's)."""
+    """One scrape: the app's families, then the process-wide ones (vLLM's, the process's).
+
+    In multiprocess mode every family of every front end (vLLM's too) is read from the shared
+    files and combined; per-process ``process_*`` families are not exported then.
+    """
+    if metrics.multiprocess:
+        metrics.refresh()
+        combined = CollectorRegistry()
+        MultiProcessCollector(combined)
+        return generate_latest(combined), CONTENT_TYPE_LATEST
     return generate_latest(metrics.registry) + generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 

@@ -43,6 +43,9 @@ async def ready(request: Request) -> Response:
         return _unavailable("The engine is not running.", "engine_dead")
     if state.admission.draining:
         return _unavailable("The server is draining.", "draining")
+    if state.peers_ready is not None and not state.peers_ready():
+        # Several front-end processes share the port: ready only when every one serves.
+        return _unavailable("Not every front-end process is serving.", "starting")
     return JSONResponse({"status": "ready", "models": state.settings.served_model_names})
 
 

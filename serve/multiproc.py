@@ -1,0 +1,301 @@
+"""``--api-server-count N``: N front-end processes on one port, over one engine core.
+
+vLLM's own machinery, as ``vllm serve --api-server-count`` uses it in the pinned release: the
+parent binds the listening socket and the engine's ZMQ listeners, launches the engine core
+headless (``launch_core_engines``), and starts the front ends with ``APIServerProcessManager``,
+whose target we replace with our own (``_front_end_main``). Each front end is an ``AsyncLLM``
+client with its client index and the engine's addresses, and accepts on the shared socket with
+vLLM's least-loaded accept (``NoSignalServer`` with ``peer_loads``), so connections spread by
+load rather than by which process woke first.
+
+Decisions:
+- Admission limits are split exactly: process i of N admits ``max_running // N`` requests,
+  plus one while ``i < max_running % N`` (the waiting queue likewise), so the server as a whole
+  never admits more than ``--max-running-requests``. Connections go to the least loaded process,
+  which keeps the split fair.
+- Metrics: prometheus_client's multiprocess mode; one scrape of any process shows the sum.
+- ``/ready`` is true only while every front end serves (a shared flag per process).
+- SIGTERM drains every front end (each runs the single-process drain), then the engine stops.
+- If the engine core dies, each front end notices and exits 1 after
+  ``--engine-dead-exit-delay``; if any front end dies, the rest are stopped. Either way the
+  parent exits 1 so the orchestrator restarts the whole server.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.connection
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from serve.settings import Settings
+
+log = logging.getLogger("serve")
+
+# Past the drain, how long the parent gives front ends to exit before killing them.
+_EXIT_GRACE_S = 10.0
+# How often a front end reads the parent's engine-alive flag (the engine watch polls as often).
+_ENGINE_FLAG_POLL_S = 0.25
+
+
+@dataclass
+class _FrontEndSpec:
+    """Handed to every front-end process (pickled at spawn)."""
+
+    settings: Settings
+    ready: Any  # multiprocessing RawArray of N bytes: 1 while front end i serves
+    engine_alive: Any  # RawArray of 1 byte: set to 0 by the parent when the engine core dies
+    # APIServerProcessManager reads this attribute of its ``args``; None: vLLM's shared
+    # admission counters stay off (we split our own limits instead).
+    max_num_queued_reqs: None = None
+
+
+def split_limit(total: int, count: int, index: int) -> int:
+    """Front end ``index``'s exact share of a server-wide limit."""
+    return total // count + (1 if index < total % count else 0)
+
+
+def check_split(settings: Settings) -> None:
+    """Refuse at start-up a process count that would leave a front end no engine slot."""
+    if settings.max_running_requests < settings.api_server_count:
+        raise SystemExit(
+            f"--api-server-count {settings.api_server_count} needs --max-running-requests of at "
+            f"least {settings.api_server_count} (got {settings.max_running_requests}): each "
+            "front-end process admits its share of the limit."
+        )
+
+
+def serve_multi(settings: Settings) -> int:
+    """Run the engine core and N front ends until SIGTERM or a death; the exit code."""
+    import multiprocessing as mp
+
+    from prometheus_client import multiprocess as prom_mp
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.utils import bind_engine_zmq_listeners, launch_core_engines
+    from vllm.v1.executor import Executor
+    from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
+    from vllm.v1.utils import APIServerProcessManager
+
+    from serve.engine.vllm_engine import engine_config
+
+    check_split(settings)
+    count = settings.api_server_count
+    # Before any front end is spawned: they choose file-backed metric values at import.
+    setup_multiprocess_prometheus()
+
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    args = AsyncEngineArgs(**settings.engine_args)
+    args._api_process_count = count
+    args._api_process_rank = -1
+    vllm_config = engine_config(args)
+    sock = _listen(settings.host, settings.port)
+    listen_address = f"http://{settings.host}:{settings.port}"
+    ctx = mp.get_context("spawn")
+    engine_alive = ctx.RawArray("b", [1])
+    spec = _FrontEndSpec(settings, ctx.RawArray("b", count), engine_alive)
+    listeners = bind_engine_zmq_listeners(vllm_config, count)
+    api: Any = None
+    engine_manager: Any = None
+    exit_code = 1
+    started = time.perf_counter()
+    try:
+        with launch_core_engines(
+            vllm_config, Executor.get_class(vllm_config), not args.disable_log_stats,
+            listeners.addresses,
+        ) as launch:  # fmt: skip
+            engine_manager = launch.engine_manager
+            coordinator = launch.coordinator
+            api = APIServerProcessManager(
+                listen_address=listen_address,
+                sock=sock,
+                args=spec,  # type: ignore[arg-type]  # passed through to our target only
+                num_servers=count,
+                input_listeners=listeners.inputs,
+                output_listeners=listeners.outputs,
+                target_server_fn=_front_end_main,
+                stats_update_address=(
+                    coordinator.get_stats_publish_address() if coordinator else None
+                ),
+                tensor_queue=launch.tensor_queue,
+            )
+            launch.watched_frontend_processes = api.processes
+        log.info(
+            "engine core up in %.1f s; %d front-end processes on %s",
+            time.perf_counter() - started,
+            count,
+            listen_address,
+        )
+        exit_code = _watch(api, engine_manager, settings, engine_alive)
+    except SystemExit:
+        exit_code = 0 if stopping else 1
+    finally:
+        if api is not None:
+            # SIGTERM to each front end: each drains its own requests in flight.
+            api.shutdown(timeout=settings.drain_timeout + _EXIT_GRACE_S)
+            for proc in api.processes:
+                if proc.exitcode not in (0, None) and stopping:
+                    exit_code = 1  # a front end that failed its drain
+                if proc.pid is not None:
+                    prom_mp.mark_process_dead(proc.pid)
+        if engine_manager is not None:
+            engine_manager.shutdown(timeout=_EXIT_GRACE_S)
+        sock.close()
+    return exit_code
+
+
+def _watch(api: Any, engine_manager: Any, settings: Settings, engine_alive: Any) -> int:
+    """Block until a front end or the engine core exits; that is the end of the server."""
+    front = {proc.sentinel: proc for proc in api.processes}
+    engines = list(engine_manager.processes) if engine_manager is not None else []
+    watched = [*front, *(p.sentinel for p in engines)]
+    ended = multiprocessing.connection.wait(watched)
+    if any(s in front for s in ended):
+        proc = front[next(s for s in ended if s in front)]
+        log.critical(
+            "front-end process %s exited (code %s): stopping the server", proc.name, proc.exitcode
+        )
+        return 1
+    # The engine core died. Front ends do not own it, so they learn it from us; each then fails
+    # its requests, fails its probes and exits 1 after --engine-dead-exit-delay.
+    log.critical("the engine core has died: front ends exit, then the server exits 1")
+    engine_alive[0] = 0
+    deadline = time.monotonic() + settings.engine_dead_exit_delay + _EXIT_GRACE_S
+    for proc in api.processes:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    return 1
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _front_end_main(
+    listen_address: str, sock: socket.socket, spec: _FrontEndSpec, client: dict[str, Any]
+) -> None:
+    """The entry point of front-end process ``client["client_index"]`` (spawned)."""
+    from vllm.utils.system_utils import set_process_title
+
+    from serve.server import configure_logging
+
+    index = int(client["client_index"])
+    set_process_title("APIServer", str(index))
+    settings = spec.settings
+    configure_logging(settings.log_level)
+    count = settings.api_server_count
+    # Each process admits its exact share, so the server as a whole keeps the configured limits.
+    settings = settings.model_copy(
+        update={
+            "max_running_requests": split_limit(settings.max_running_requests, count, index),
+            "max_waiting_requests": split_limit(settings.max_waiting_requests, count, index),
+        }
+    )
+    import uvloop
+
+    sys.exit(uvloop.run(_run_front_end(settings, sock, spec, index, dict(client))))
+
+
+async def _run_front_end(
+    settings: Settings, sock: socket.socket, spec: _FrontEndSpec, index: int, client: dict[str, Any]
+) -> int:
+    import asyncio
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from serve.engine.vllm_engine import VllmEngine, engine_config
+    from serve.server import FrontEnd, serve_engine
+    from serve.telemetry import Metrics
+
+    peer_loads = client.pop("api_server_loads", None)
+    args = AsyncEngineArgs(**settings.engine_args)
+    args._api_process_count = settings.api_server_count
+    args._api_process_rank = index
+    started = time.perf_counter()
+    engine = VllmEngine.from_engine_args(
+        settings.engine_args, vllm_config=engine_config(args), client=client
+    )
+    ready = spec.ready
+    front_end = FrontEnd(
+        index=index,
+        sockets=[sock],
+        server_cls=_peer_server_class(peer_loads, index, ready),
+        metrics=Metrics(multiprocess=True),
+        peers_ready=lambda: all(ready),
+    )
+    watch = asyncio.create_task(_watch_engine_flag(spec.engine_alive, engine))
+    try:
+        return await serve_engine(
+            settings, engine, time.perf_counter() - started, front_end=front_end
+        )
+    finally:
+        watch.cancel()
+
+
+async def _watch_engine_flag(engine_alive: Any, engine: Any) -> None:
+    import asyncio
+
+    while engine_alive[0]:  # noqa: ASYNC110 - a flag in shared memory has no waiter to await
+        await asyncio.sleep(_ENGINE_FLAG_POLL_S)
+    _engine_core_died(engine)
+
+
+def _engine_core_died(engine: Any) -> None:
+    """Fail every request of this front end, as vLLM's own engine monitor does for a front end
+    that owns its engine core (``MPClient.start_engine_core_monitor``): here the parent owns
+    the core and watches it, so the front end learns of its death from the parent."""
+    core = engine._llm.engine_core  # the adapter's AsyncLLM client: vLLM's own fields
+    if core.resources.engine_dead:
+        return
+    log.critical("the engine core has died")
+    core.resources.engine_dead = True
+    core.shutdown()
+
+
+def _peer_server_class(peer_loads: Any, index: int, ready: Any) -> type[Any]:
+    """Our draining server, accepting on the shared socket as vLLM's front ends do."""
+    import uvicorn
+    from vllm.entrypoints.launchers.launcher import NoSignalServer
+
+    from serve.server import DrainingServer
+
+    class PeerServer(DrainingServer, NoSignalServer):
+        # NoSignalServer leaves signals to its caller; ours drains on SIGTERM, so keep
+        # uvicorn's own signal capture (DrainingServer.handle_exit is the handler).
+        capture_signals = uvicorn.Server.capture_signals
+
+        def __init__(self, config: Any, app_state: Any, drain_timeout: float) -> None:
+            super().__init__(config, app_state, drain_timeout)
+            self.peer_loads = (peer_loads, index) if peer_loads is not None else None
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            ready[index] = 1 if self.started else 0
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            ready[index] = 0
+            super().handle_exit(sig, frame)
+
+        def engine_died(self, delay: float) -> None:
+            ready[index] = 0
+            super().engine_died(delay)
+
+    return PeerServer

@@ -1,0 +1,155 @@
+"""``--api-server-count 2``: two front-end processes over one engine core, on real processes.
+
+Both serve, one scrape shows the sum over both, SIGTERM drains both, and the death of the engine
+core or of one front end ends the whole server with exit code 1 (the single-process behaviour,
+tests/e2e/test_lifecycle_e2e.py, holds for N processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.support import MODEL, ServerProcess, metric_value, running_server, wait_until
+
+TWO = ("--api-server-count", "2")
+
+
+def chat(**extra: object) -> dict[str, object]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], **extra}
+
+
+def children(server: ServerProcess, title: str) -> list[psutil.Process]:
+    procs = psutil.Process(server.proc.pid).children(recursive=True)
+    return [p for p in procs if title in p.name() or title in " ".join(p.cmdline())]
+
+
+def access_pids(server: ServerProcess) -> list[int]:
+    """The process that wrote each generation access-log line."""
+    pids = []
+    for line in server.log().splitlines():
+        match = re.search(r"\[(\d+)\] serve\.access: (\{.*\})$", line)
+        if match and json.loads(match.group(2))["path"] == "/v1/chat/completions":
+            pids.append(int(match.group(1)))
+    return pids
+
+
+async def stream_text(client: httpx.AsyncClient, url: str, first: asyncio.Event, n: int) -> str:
+    parts: list[str] = []
+    try:
+        async with client.stream(
+            "POST", url, json=chat(stream=True, max_tokens=n, ignore_eos=True)
+        ) as r:
+            async for chunk in r.aiter_text():
+                parts.append(chunk)
+                first.set()
+    except httpx.HTTPError:
+        pass  # after a death the connection may end without a final frame
+    return "".join(parts)
+
+
+async def test_two_front_ends_serve_metrics_add_up_and_sigterm_drains_both(
+    tmp_path: Path,
+) -> None:
+    with running_server(tmp_path / "server.log", *TWO, "--drain-timeout", "180") as server:
+        front_ends = children(server, "APIServer")
+        assert len(front_ends) == 2 and len(children(server, "EngineCore")) == 1
+        url = f"{server.base_url}/v1/chat/completions"
+        async with httpx.AsyncClient(timeout=120) as client:
+            # Concurrent requests: least-loaded accept spreads them over both processes. On a
+            # loaded machine one process may still win a whole wave, so send waves until both
+            # have served (bounded).
+            results: list[httpx.Response] = []
+            for _ in range(8):
+                results += await asyncio.gather(
+                    *(client.post(url, json=chat(max_tokens=6, ignore_eos=True)) for _ in range(16))
+                )
+                sent = len(results)
+                wait_until(lambda: len(access_pids(server)) == sent, 10, what="access log")  # noqa: B023
+                if len(set(access_pids(server))) == 2:
+                    break
+            assert all(r.status_code == 200 for r in results)
+            tokens = sum(r.json()["usage"]["completion_tokens"] for r in results)
+            assert tokens == 6 * len(results)
+            assert set(access_pids(server)) == {p.pid for p in front_ends}, "both served"
+
+            # Any process answers a scrape with the sum over both.
+            for _ in range(4):
+                text = (await client.get(f"{server.base_url}/metrics")).text
+                assert (
+                    metric_value(text, "avatar_requests_total", endpoint="chat", status="200") == 16
+                )
+                assert metric_value(text, "avatar_generation_tokens_total") == tokens
+                assert metric_value(text, "vllm:generation_tokens_total") == tokens
+                assert metric_value(text, "avatar_engine_alive") == 1
+
+            firsts = [asyncio.Event() for _ in range(4)]
+            streams = [asyncio.create_task(stream_text(client, url, ev, 1500)) for ev in firsts]
+            await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 60)
+            server.proc.send_signal(signal.SIGTERM)
+
+            async def not_ready() -> bool:
+                return (await client.get(f"{server.base_url}/ready")).status_code == 503
+
+            async with asyncio.timeout(10):
+                while not await not_ready():
+                    await asyncio.sleep(0.05)
+            texts = await asyncio.gather(*streams)
+        for text in texts:
+            assert text.endswith("data: [DONE]\n\n"), "every stream in flight ran to completion"
+            last = json.loads(text.split("\n\n")[-3].removeprefix("data: "))
+            assert last["choices"][0]["finish_reason"] == "length"
+        assert await asyncio.to_thread(server.proc.wait, 120) == 0
+        assert server.log().count("drained in") == 2, "each front end drained"
+
+
+async def test_engine_core_death_fails_requests_and_exits_nonzero(tmp_path: Path) -> None:
+    with running_server(tmp_path / "server.log", *TWO, "--engine-dead-exit-delay", "12") as server:
+        front_ends = children(server, "APIServer")
+        url = f"{server.base_url}/v1/chat/completions"
+        async with httpx.AsyncClient(timeout=60) as client:
+            first = asyncio.Event()
+            stream = asyncio.create_task(stream_text(client, url, first, 3000))
+            await asyncio.wait_for(first.wait(), 30)
+            for proc in children(server, "EngineCore"):
+                proc.kill()
+            text = await asyncio.wait_for(stream, 30)  # never a hang
+            assert '"code":"engine_dead"' in text or not text.endswith("data: [DONE]\n\n")
+
+            def both_dead() -> bool:
+                # Each scrape lands on either process; both must report the death.
+                return all(
+                    httpx.get(f"{server.base_url}/health", timeout=5).status_code == 503
+                    for _ in range(6)
+                )
+
+            wait_until(both_dead, 10, what="both front ends failing /health")
+            refused = await client.post(url, json=chat(max_tokens=4))
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "engine_dead"
+        assert await asyncio.to_thread(server.proc.wait, 90) == 1
+        wait_until(
+            lambda: not any(p.is_running() and p.status() != "zombie" for p in front_ends),
+            10,
+            what="front ends gone",
+        )
+
+
+async def test_one_front_end_dying_ends_the_server_nonzero(tmp_path: Path) -> None:
+    with running_server(tmp_path / "server.log", *TWO) as server:
+        front_ends = children(server, "APIServer")
+        engine = children(server, "EngineCore")
+        front_ends[1].kill()
+        assert await asyncio.to_thread(server.proc.wait, 90) == 1
+        deadline = time.monotonic() + 30
+        survivors = [p for p in [front_ends[0], *engine] if p.is_running()]
+        while survivors and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            survivors = [p for p in survivors if p.is_running() and p.status() != "zombie"]
+        assert not survivors, "the other front end and the engine core stopped with it"
