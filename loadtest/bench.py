@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,10 +149,23 @@ def workload_for(args: argparse.Namespace, n: int) -> list[ChatRequest]:
     return build_workload(n, seed=args.seed, turns=args.turns, max_tokens=args.max_tokens)
 
 
+Probe = Callable[[], Any]
+
+
 async def run_levels(
-    send: SendFn, args: argparse.Namespace, *, monitor_client: bool = True, log: bool = True
+    send: SendFn,
+    args: argparse.Namespace,
+    *,
+    monitor_client: bool = True,
+    log: bool = True,
+    probe: Probe | None = None,
 ) -> list[LevelRun]:
-    """Warm up, then run each level of the sweep in turn with the same seeded workload."""
+    """Warm up, then run each level of the sweep in turn with the same seeded workload.
+
+    ``probe``, when given, is called right before and right after each level (not around the
+    warm-up) and its two results are kept on the level's run: a reading of the server's CPU
+    time, for instance, then covers exactly the requests the level's summary counts.
+    """
     mode, levels = sweep(args)
     if args.warmup:
         warm = build_workload(
@@ -169,6 +182,7 @@ async def run_levels(
             if mode == "concurrency"
             else {"rate": float(level), "max_concurrency": args.max_concurrency}
         )
+        before = probe() if probe is not None else None
         run = await run_level(
             send,
             reqs,
@@ -178,6 +192,8 @@ async def run_levels(
             monitor_client=monitor_client,
             **kw,
         )
+        if probe is not None:
+            run.probe = {"before": before, "after": probe()}
         for w in run.warnings:
             print(f"WARNING ({mode} {level:g}): {w}", file=sys.stderr)
         if log:
@@ -212,9 +228,15 @@ def run_meta(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
 
 
 async def bench_endpoint(
-    args: argparse.Namespace, base_url: str, model: str | None, api_key: str | None
+    args: argparse.Namespace,
+    base_url: str,
+    model: str | None,
+    api_key: str | None,
+    *,
+    probe: Probe | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[LevelRun]]:
-    """Run the whole sweep against one endpoint; used by this CLI and by ``compare``."""
+    """Run the whole sweep against one endpoint; used by this CLI and by ``compare``
+    (``probe``: see ``run_levels``)."""
     model = await resolve_model(base_url, model, api_key)
     async with ChatClient(
         base_url,
@@ -224,7 +246,7 @@ async def bench_endpoint(
         timeout_s=args.timeout,
         stall_timeout_s=args.stall_timeout,
     ) as client:
-        runs = await run_levels(client.send, args)
+        runs = await run_levels(client.send, args, probe=probe)
     slo = Slo(args.slo_ttft_ms, args.slo_itl_ms)
     meta = run_meta(args, target=base_url, model=model, label=getattr(args, "label", "") or "")
     return meta, level_results(runs, slo), runs

@@ -13,6 +13,14 @@ alternate direction) so slow drift of the machine, such as other jobs on shared 
 favour one side. The raw engine (``loadtest.engine``, AsyncLLM in process, no HTTP) runs as a
 child process for its turn, and is the floor both servers are compared to.
 
+Around every level on a server it reads the CPU time of that server's processes, front end
+(everything but vLLM's engine core and its workers: see ``loadtest.cpu``) and engine apart, and
+reports front-end CPU µs per output token, the figure where two servers on one engine differ.
+
+``--client vllm`` makes vLLM's own benchmark client (``vllm.benchmarks.serve``) the load
+generator instead of ours, on vLLM's random dataset (``loadtest.vllm_client``); it needs an
+HTTP endpoint, so the raw engine is skipped then.
+
 Writes compare.json, compare.md and per-target, per-round bench outputs under --out.
 """
 
@@ -32,174 +40,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest import DEMO_MODEL_NAME
+from loadtest import DEMO_MODEL_NAME, vllm_client
 from loadtest.bench import add_load_args, add_workload_args, bench_endpoint, sweep
+from loadtest.compare_report import absolute, markdown, plot_compare, ratios, server_cpu
+from loadtest.cpu import ProcessTree, attach_cpu, cpu_from_probe, probe_cpu
 from loadtest.report import format_table, write_outputs
 from loadtest.servers import ServerProcess, engine_flags, free_port, ours_command, vllm_command
 
 TARGETS = ("ours", "vllm", "engine")
-# (key in the summary, stat, label, higher is better)
-RATIO_METRICS = (
-    ("ttft_ms", "p50", "TTFT p50", False),
-    ("ttft_ms", "p99", "TTFT p99", False),
-    ("itl_ms", "p50", "ITL p50", False),
-    ("itl_ms", "p99", "ITL p99", False),
-    ("output_token_throughput", None, "output tok/s", True),
-)
 DEMO_MODEL_DIR = Path.home() / ".cache" / "avatar-llm-serve" / "demo-model"
-
-
-def metric(summary: dict[str, Any], key: str, stat: str | None) -> float | None:
-    value = summary[key] if stat is None else summary[key][stat]
-    return None if value is None else float(value)
-
-
-def spread(values: Sequence[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(values),
-        "mean": statistics.fmean(values),
-        "min": min(values),
-        "max": max(values),
-        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
-
-
-def ratios(
-    results: dict[str, list[list[dict[str, Any]]]], num: str, den: str
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Per level and metric: ``num/den`` computed within each round, then spread over rounds.
-
-    Pairing within a round (not dividing the means) keeps the round-to-round drift of a shared
-    machine out of the ratio as far as possible.
-    """
-    values: dict[str, dict[str, list[float]]] = {}
-    if num not in results or den not in results:
-        return {}
-    for r_num, r_den in zip(results[num], results[den], strict=True):
-        for lv_num, lv_den in zip(r_num, r_den, strict=True):
-            per = values.setdefault(f"{lv_num['level']:g}", {})
-            for key, stat, label, _ in RATIO_METRICS:
-                a = metric(lv_num["summary"], key, stat)
-                b = metric(lv_den["summary"], key, stat)
-                if a is not None and b:
-                    per.setdefault(label, []).append(a / b)
-    return {lvl: {lab: spread(v) for lab, v in per.items()} for lvl, per in values.items()}
-
-
-def absolute(results: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]:
-    """Per target, level and metric: the spread of the absolute value over rounds."""
-    out: dict[str, Any] = {}
-    for target, rounds in results.items():
-        per_level: dict[str, dict[str, list[float]]] = {}
-        for levels in rounds:
-            for lv in levels:
-                for key, stat, label, _ in RATIO_METRICS:
-                    v = metric(lv["summary"], key, stat)
-                    if v is not None:
-                        per_level.setdefault(f"{lv['level']:g}", {}).setdefault(label, []).append(v)
-        out[target] = {
-            lvl: {lab: spread(v) for lab, v in d.items()} for lvl, d in per_level.items()
-        }
-    return out
-
-
-def _cell(s: dict[str, float] | None) -> str:
-    if not s:
-        return "-"
-    # The median, not the mean: on shared cores one disturbed round must not move the figure.
-    if s["n"] == 1:
-        return f"{s['median']:.2f}"
-    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
-
-
-def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Comparison ({report['meta']['rounds']} rounds, {report['meta']['mode']})", ""]
-    labels = [m[2] for m in RATIO_METRICS]
-    for title, key in (
-        ("ours / vLLM server", "ours_vs_vllm"),
-        ("ours / raw engine (floor)", "ours_vs_engine"),
-        ("vLLM server / raw engine (floor)", "vllm_vs_engine"),
-    ):
-        table = report["ratios"].get(key) or {}
-        if not table:
-            continue
-        lines += [
-            f"## {title}",
-            "",
-            "Ratio per round, median (min-max) over rounds. Latency: below 1 is better; "
-            "tok/s: above 1 is better.",
-            "",
-            "| level | " + " | ".join(labels) + " |",
-            "|---" * (len(labels) + 1) + "|",
-        ]
-        for level, per in table.items():
-            lines.append(f"| {level} | " + " | ".join(_cell(per.get(lab)) for lab in labels) + " |")
-        lines.append("")
-    lines += [
-        "## Absolute values",
-        "",
-        "Median (min-max) over rounds; latencies in ms.",
-        "",
-        "| target | level | " + " | ".join(labels) + " |",
-        "|---" * (len(labels) + 2) + "|",
-    ]
-    for target, per_level in report["absolute"].items():
-        for level, per in per_level.items():
-            lines.append(
-                f"| {target} | {level} | "
-                + " | ".join(_cell(per.get(lab)) for lab in labels)
-                + " |"
-            )
-    if report.get("idle_peer_cpu"):
-        lines += [
-            "",
-            "Idle server's CPU use while the other was loaded (share of one core): "
-            + ", ".join(f"{k} {v:.1%}" for k, v in report["idle_peer_cpu"].items()),
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def plot_compare(report: dict[str, Any], path: Path) -> None:
-    """TTFT p50/p99, ITL p99 and output tok/s vs level per target; bars span the rounds."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
-    panels = (
-        ("TTFT p50", "TTFT p50 (ms)"),
-        ("TTFT p99", "TTFT p99 (ms)"),
-        ("ITL p99", "ITL p99 (ms)"),
-        ("output tok/s", "output tokens/s"),
-    )
-    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.4), dpi=80)
-    for ax, (label, ylabel) in zip(axes, panels, strict=True):
-        for target, per_level in report["absolute"].items():
-            levels = sorted(per_level, key=float)
-            pts = [(float(lv), per_level[lv][label]) for lv in levels if label in per_level[lv]]
-            if not pts:
-                continue
-            xs = [x for x, _ in pts]
-            med = [s["median"] for _, s in pts]
-            err = [
-                [m - s["min"] for m, (_, s) in zip(med, pts, strict=True)],
-                [s["max"] - m for m, (_, s) in zip(med, pts, strict=True)],
-            ]
-            ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=target)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [f"{x:g}" for x in xs])
-        ax.minorticks_off()
-        if label != "output tok/s":
-            ax.set_yscale("log")
-        ax.set_xlabel(report["meta"]["mode"])
-        ax.set_title(ylabel, fontsize=10)
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"median over {report['meta']['rounds']} rounds; bars: min-max", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rounds", type=int, default=2, help="A/B rounds (default 2)")
     p.add_argument(
+        "--client",
+        choices=("ours", "vllm"),
+        default="ours",
+        help="load generator: ours (loadtest.bench, the avatar workload) or vLLM's "
+        "benchmark client (vllm.benchmarks.serve, random dataset; skips the raw engine)",
+    )
+    p.add_argument(
         "--sequential",
         action="store_true",
         help="run only one server at a time, started for its turn and stopped after it (for "
@@ -260,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("results/compare"))
     add_workload_args(p)
     add_load_args(p)
+    vllm_client.add_vllm_client_args(p)
     p.set_defaults(ignore_eos=True)
     return p
 
@@ -355,6 +212,13 @@ async def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(targets) - set(TARGETS):
         raise SystemExit(f"unknown targets: {sorted(unknown)}")
+    skipped: dict[str, str] = {}
+    if args.client == "vllm" and "engine" in targets:
+        targets.remove("engine")
+        skipped["engine"] = (
+            "vLLM's benchmark client needs an HTTP endpoint; the raw engine has none"
+        )
+        print(f"skipping the raw engine: {skipped['engine']}", file=sys.stderr)
     model = args.model
     if model is None:
         model = str(build_demo_model(DEMO_MODEL_DIR))
@@ -410,16 +274,36 @@ async def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                 peer_cpu0 = [s.cpu_seconds() for s in peers]
                 t0 = time.monotonic()
                 args.label = f"{target} round {r + 1}"
-                meta, levels, runs = await bench_endpoint(
-                    args, srv.base_url + "/v1", args.served_model_name, None
-                )
+                assert srv.proc is not None
+                tree = ProcessTree(srv.proc.pid)  # anew: --sequential restarts the server
+                if args.client == "vllm":
+                    out_dir.mkdir(parents=True, exist_ok=True)  # its logs go there
+                    meta, levels = await vllm_client.run_sweep(
+                        args, srv.base_url, model, tree, out_dir
+                    )
+                else:
+                    meta, levels, runs = await bench_endpoint(
+                        args,
+                        srv.base_url + "/v1",
+                        args.served_model_name,
+                        None,
+                        probe=probe_cpu(tree),
+                    )
+                    for lv in levels:
+                        attach_cpu(lv, cpu_from_probe(lv, tree))
                 wall = time.monotonic() - t0
                 for s, c0 in zip(peers, peer_cpu0, strict=True):
                     idle_cpu[s.name].append((s.cpu_seconds() - c0) / wall)
                 if args.sequential:
                     srv.stop()
-                write_outputs(out_dir, meta, levels, runs)
+                if args.client == "vllm":
+                    (out_dir / "results.json").write_text(
+                        json.dumps({"meta": meta, "levels": levels}, indent=2)
+                    )
+                else:
+                    write_outputs(out_dir, meta, levels, runs)
                 print(format_table(levels), file=sys.stderr)
+                print(cpu_lines(levels), file=sys.stderr)
                 results[target].append(levels)
     finally:
         for srv in servers.values():
@@ -446,6 +330,14 @@ async def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                 else "both up at once, one loaded at a time"
             ),
             "order": "ABBA (rounds alternate direction)",
+            "client": (
+                "vLLM's benchmark client (vllm.benchmarks.serve, random dataset, "
+                f"input {args.vllm_input_len}, output {args.vllm_output_len} tokens, "
+                f"range ratio {args.vllm_range_ratio})"
+                if args.client == "vllm"
+                else "ours (loadtest.bench, avatar workload)"
+            ),
+            "skipped": skipped,
         },
         "ratios": {
             "ours_vs_vllm": ratios(results, "ours", "vllm"),
@@ -453,10 +345,30 @@ async def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             "vllm_vs_engine": ratios(results, "vllm", "engine"),
         },
         "absolute": absolute(results),
+        "server_cpu": server_cpu(results),
         "idle_peer_cpu": {k: statistics.fmean(v) for k, v in idle_cpu.items() if v},
         "results": results,
     }
     return report
+
+
+def cpu_lines(levels: Sequence[dict[str, Any]]) -> str:
+    """One line per level: the server's CPU per output token, front end and engine."""
+    out = []
+    for lv in levels:
+        c = lv.get("server_cpu")
+        if not c:
+            continue
+        fe, en = c["front_end_us_per_token"], c["engine_us_per_token"]
+        out.append(
+            f"  level {lv['level']:g}: front-end CPU "
+            + ("-" if fe is None else f"{fe:.1f}")
+            + " µs/token ("
+            + f"{c['front_end_s']:.2f} s, {c['front_end_cores'] or 0:.2f} cores), engine "
+            + ("-" if en is None else f"{en:.1f}")
+            + f" µs/token, {c['output_tokens']} output tokens"
+        )
+    return "\n".join(out)
 
 
 def _sigterm_to_interrupt(signum: int, frame: object) -> None:

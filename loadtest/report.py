@@ -17,20 +17,27 @@ STATS = ("mean", "p50", "p90", "p99")
 
 
 def level_results(runs: Sequence[LevelRun], slo: Slo) -> list[dict[str, Any]]:
-    return [
-        {
+    out = []
+    for run in runs:
+        lv: dict[str, Any] = {
             "mode": run.mode,
             "level": run.level,
             "summary": summarize(run.records, run.duration_s, slo),
             "client": run.client,
             "warnings": run.warnings,
         }
-        for run in runs
-    ]
+        if run.probe is not None:
+            lv["probe"] = run.probe
+        out.append(lv)
+    return out
 
 
 def _fmt(v: float | int | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _scaled(v: float | None, k: float) -> float | None:
+    return None if v is None else k * v
 
 
 def format_table(levels: Sequence[dict[str, Any]]) -> str:
@@ -74,8 +81,9 @@ def format_table(levels: Sequence[dict[str, Any]]) -> str:
             _fmt(e["p50"], 0),
             _fmt(e["p99"], 0),
             _fmt(s["ttfs_ms"]["p50"]),
-            _fmt(100 * s["goodput"], 0),
-            _fmt(100 * lv["client"]["cpu_fraction"], 0),
+            # Either may be unknown when another client (vLLM's) made the level.
+            _fmt(_scaled(s["goodput"], 100), 0),
+            _fmt(_scaled(lv["client"].get("cpu_fraction"), 100), 0),
         ]
         lines.append(" ".join(v.rjust(w) for v, (_, w) in zip(values, cols, strict=True)))
     lines.append(

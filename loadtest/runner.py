@@ -112,6 +112,9 @@ class LevelRun:
     duration_s: float
     client: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    # Readings a caller took just before and just after the level (``run_levels(probe=...)``),
+    # e.g. the server's CPU time: {"before": ..., "after": ...}.
+    probe: dict[str, Any] | None = None
 
 
 class _Progress:

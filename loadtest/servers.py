@@ -175,7 +175,8 @@ class ServerProcess:
             self._log = None
 
     def cpu_seconds(self) -> float:
-        """CPU time used so far by the server and its children (needs psutil; 0 without)."""
+        """CPU time used so far by the server and its children, engine core included (needs
+        psutil; 0 without). ``loadtest.cpu.ProcessTree`` splits the front end from the engine."""
         if self.proc is None:
             return 0.0
         try:
