@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -226,6 +227,31 @@ class Metrics:
         self.loop_tasks.set(_loop_tasks())
 
 
+def observe_all(histogram: Histogram, values: list[float]) -> None:
+    """``histogram.observe(v)`` for every value, in one pass.
+
+    A request's inter-token gaps are observed at its end: one ``observe`` each cost a lock, a
+    linear scan of the buckets and two increments per token, 4.5% of the front end's CPU at
+    64 streams (py-spy, BENCHMARKS.md). Counting buckets first makes it one bisect per token
+    and one increment per bucket touched. It reads prometheus_client's histogram fields; if
+    they are not there (another release), it falls back to plain ``observe``.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1  # the first bucket whose bound is >= value
+    for index, count in enumerate(counts):
+        if count:
+            buckets[index].inc(count)
+    total.inc(sum(values))
+
+
 def _loop_tasks() -> float:
     # /metrics is an async route, so a scrape runs on the server's loop; NaN elsewhere.
     try:
@@ -348,9 +374,7 @@ class RequestRecord:
         if self.first_sentence is not None:
             metrics.ttfs.labels(*labels).observe(self.first_sentence - self.arrival)
         if self.gaps:
-            itl = metrics.itl.labels(*labels)
-            for gap in self.gaps:
-                itl.observe(gap)
+            observe_all(metrics.itl.labels(*labels), self.gaps)
         metrics.e2e.labels(*labels).observe(now - self.arrival)
         if self.queued is not None:
             # A request refused after waiting (queue timeout, client gone) waited too.

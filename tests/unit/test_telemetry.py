@@ -91,3 +91,29 @@ def test_engine_stamps_outside_our_window_fold_into_one_engine_stage() -> None:
     assert [round(stages[k], 6) for k in ("submit", "engine_queue", "prefill", "output")] == [
         0.1, 0.1, 0.1, 0.1,
     ]  # fmt: skip
+
+
+def test_observing_all_gaps_at_once_exports_what_one_by_one_would() -> None:
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from serve.telemetry import ITL_BUCKETS, observe_all
+
+    rng = random.Random(7)
+    gaps = [
+        rng.choice((0.001, 0.0025, 3.0)) if i % 5 == 0 else rng.expovariate(40) for i in range(500)
+    ]
+    one, batch = CollectorRegistry(), CollectorRegistry()
+    h_one = Histogram("itl", "x", ("m",), buckets=ITL_BUCKETS, registry=one).labels("a")
+    h_batch = Histogram("itl", "x", ("m",), buckets=ITL_BUCKETS, registry=batch).labels("a")
+    for gap in gaps:
+        h_one.observe(gap)
+    observe_all(h_batch, gaps)
+
+    def samples(registry: CollectorRegistry) -> list[str]:
+        lines = generate_latest(registry).decode().splitlines()
+        return [line for line in lines if not line.startswith(("#", "itl_created"))]
+
+    # Bucket boundaries included (values equal to a bound land in that bound's bucket).
+    assert samples(batch) == samples(one)
