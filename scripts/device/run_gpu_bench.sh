@@ -13,7 +13,8 @@
 # Environment: OUT (results; default /tmp/avatar-gpu-bench-out), BENCH_LAYERS (model depth,
 # default 32), BENCH_DURATION (seconds per load level, default 15), BENCH_CONCURRENCY (levels,
 # default 1,16,64,256), BENCH_CALL_S (the whole call's time, default 560), BENCH_MODEL_DIR (use
-# this model as is), BENCH_ENGINE_EXTRA (more engine flags for both servers), DRY_RUN=1 (same
+# this model as is), BENCH_ENGINE_EXTRA (more engine flags for both servers), BENCH_API_SERVERS
+# (N > 1: also our server with --api-server-count N, last and optional), DRY_RUN=1 (same
 # as --dry-run).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -52,7 +53,7 @@ if [ "$mode" = dry ]; then
   exec "$py" scripts/device/gpu_bench.py bench --model "$model" --out "$OUT" \
     --work /tmp/avatar-dry-run/work --python "$py" --max-model-len 2048 \
     --kv-cache-memory-bytes 268435456 --enforce-eager --budget-s 330 \
-    --engine-extra "${BENCH_ENGINE_EXTRA:-}" \
+    --engine-extra "${BENCH_ENGINE_EXTRA:-}" --api-servers "${BENCH_API_SERVERS:-0}" \
     --bench-args "--concurrency 1,2 --num-requests 4 --warmup 1 --turns 1:2 --max-tokens 8:16 \
 --ignore-eos"
 fi
@@ -90,5 +91,6 @@ dur="${BENCH_DURATION:-15}"
 "$py" scripts/device/gpu_bench.py bench --model "$model" --out "$OUT" --work /tmp/avatar-bench \
   --python "$py" --max-model-len 4096 --budget-s "$budget" \
   --engine-extra "--gpu-memory-utilization 0.85 ${BENCH_ENGINE_EXTRA:-}" \
+  --api-servers "${BENCH_API_SERVERS:-0}" \
   --bench-args "--concurrency ${BENCH_CONCURRENCY:-1,16,64,256} --duration $dur --warmup 4 \
 --ignore-eos"

@@ -163,7 +163,9 @@ def _fake_level() -> dict[str, object]:
     return {"level": 1, "summary": {**summary, "ttft_ms": ms, "itl_ms": ms}}
 
 
-def _bench_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, starts: object) -> list[str]:
+def _bench_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, starts: object, api_servers: int = 0
+) -> tuple[list[str], int]:
     """Run ``gpu_bench.bench`` with servers that start when ``starts(name, eager)`` says so."""
     tried: list[str] = []
 
@@ -178,16 +180,16 @@ def _bench_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, starts: object)
     args = gpu_bench.argparse.Namespace(
         budget_s=500.0, work=str(tmp_path / "w"), out=str(tmp_path / "o"), model="m",
         max_model_len=4096, kv_cache_memory_bytes=0, enforce_eager=False, engine_extra="",
-        bench_args="", python="python3", ready_cap_s=300.0,
+        bench_args="", python="python3", ready_cap_s=300.0, api_servers=api_servers,
     )  # fmt: skip
-    gpu_bench.bench(args)
-    return tried
+    code = gpu_bench.bench(args)
+    return tried, code
 
 
 def test_a_start_that_needs_eager_mode_sets_it_for_both_servers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tried = _bench_with(tmp_path, monkeypatch, lambda name, eager: eager)
+    tried, _ = _bench_with(tmp_path, monkeypatch, lambda name, eager: eager)
     assert tried == ["ours", "ours-eager", "vllm-eager"]
     table = (tmp_path / "o" / "summary.md").read_text()
     assert "ours/vllm conc 1:" in table and "flags differ" not in table
@@ -196,10 +198,24 @@ def test_a_start_that_needs_eager_mode_sets_it_for_both_servers(
 def test_a_server_broken_either_way_leaves_the_other_on_default_flags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tried = _bench_with(tmp_path, monkeypatch, lambda name, eager: name == "vllm")
+    tried, _ = _bench_with(tmp_path, monkeypatch, lambda name, eager: name == "vllm")
     assert tried == ["ours", "ours-eager", "vllm"]
     table = (tmp_path / "o" / "summary.md").read_text()
     assert "ours  FAILED" in table and "flags differ" in table
+
+
+def test_several_front_ends_run_last_and_their_failure_fails_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tried, code = _bench_with(
+        tmp_path, monkeypatch, lambda name, eager: name != "ours_x2" or eager, api_servers=2
+    )
+    assert tried == ["ours", "vllm", "ours_x2", "ours_x2-eager"]
+    assert code == 0
+    tried, code = _bench_with(
+        tmp_path, monkeypatch, lambda name, eager: name != "ours_x2", api_servers=2
+    )
+    assert tried[-1] == "ours_x2-eager" and code == 0, "the two servers' figures still count"
 
 
 @pytest.mark.e2e
