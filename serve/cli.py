@@ -175,7 +175,36 @@ def parse_settings(
         settings = Settings(**frontend, engine_args=engine_args)
     except ValidationError as exc:
         parser.error(_describe(exc))
+    _check_chat_flags(parser, settings)
     return settings
+
+
+def _check_chat_flags(parser: argparse.ArgumentParser, settings: Settings) -> None:
+    """Refuse a tool parser vLLM does not know, or a template that cannot be read, at once
+    (the engine would only find out after loading the model)."""
+    if settings.tool_parser_plugin:
+        from vllm.tool_parsers import ToolParserManager
+
+        try:
+            ToolParserManager.import_tool_parser(settings.tool_parser_plugin)
+        except Exception as exc:
+            parser.error(f"--tool-parser-plugin {settings.tool_parser_plugin}: {exc}")
+    if settings.tool_call_parser:
+        from vllm.tool_parsers import ToolParserManager
+
+        known = ToolParserManager.list_registered()
+        if settings.tool_call_parser not in known:
+            parser.error(
+                f"--tool-call-parser {settings.tool_call_parser!r} is not one of vLLM's "
+                f"parsers: {', '.join(known)}"
+            )
+    if settings.chat_template:
+        from vllm.renderers.chat_utils import load_chat_template
+
+        try:
+            load_chat_template(settings.chat_template)
+        except Exception as exc:  # vLLM's validation error is not a ValueError
+            parser.error(f"--chat-template: {exc}")
 
 
 def _describe(exc: ValidationError) -> str:

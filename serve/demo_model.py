@@ -4,33 +4,85 @@ It answers gibberish; it exists so that the server, the tests and the benchmarks
 any machine with no download. Build it into a folder with ``python -m serve.demo_model DIR``.
 
 Shape: hidden 128, 2 layers, 4 heads (head dim 32, which vLLM's CPU attention supports; 16 is
-not), a byte-level BPE vocabulary trained on a small English corpus written below, and a Jinja
-chat template. The weights are seeded, so every build of one version is identical.
+not), a byte-level BPE vocabulary trained on a small English corpus written below plus the
+markers of tool calls and thinking, and a Jinja chat template that renders tools, tool calls and
+tool results Hermes/Qwen style (so vLLM's ``hermes`` tool parser and ``deepseek_r1`` reasoning
+parser read its output). The weights are seeded, so every build of one version is identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-# Bump when the shape, corpus or template changes, so stale caches are rebuilt.
-DEMO_MODEL_VERSION = "1"
+# Bump when the build changes in a way the fingerprint below cannot see (the weights' shape or
+# seed, the trainer's settings). The template, the corpus and the marker tokens are in the
+# fingerprint, so editing them rebuilds a stale cache by itself.
+DEMO_MODEL_VERSION = "2"
 DEMO_MODEL_NAME = "avatar-demo"
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end|>"
 TURN_START = "<|start|>"
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "<|start|>{{ message['role'] }}\n{{ message['content'] }}<|end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}"
+# Marker tokens of the Hermes/Qwen tool-call format and of thinking, as plain added tokens (not
+# "special"): the detokenized text keeps them, which is what vLLM's text-based tool parsers read,
+# and each is one token id, which is what its reasoning parsers look for.
+MARKER_TOKENS = ("<tool_call>", "</tool_call>", "<think>", "</think>")
+
+# The chat template, Hermes/Qwen style: tools in the system turn as JSON inside <tools>, an
+# assistant's calls as <tool_call>{"name": ..., "arguments": ...}</tool_call>, tool results as a
+# user turn of <tool_response> blocks; `enable_thinking=false` closes an empty <think> block in
+# the generation prompt. Without tools it renders exactly as the first template did, byte for
+# byte.
+_TEMPLATE_SOURCE = r"""
+{{ bos_token }}
+{% set sys_first = messages and messages[0]['role'] in ('system', 'developer') %}
+{% if tools %}
+    <|start|>system\n
+    {% if sys_first %}{{ messages[0]['content'] }}\n\n{% endif %}
+    # Tools\n\nYou may call one or more functions to assist with the user query.\n\n
+    You are provided with function signatures within <tools></tools> XML tags:\n<tools>
+    {% for tool in tools %}\n{{ tool | tojson }}{% endfor %}
+    \n</tools>\n\nFor each function call, return a json object with function name and
+    {{ ' ' }}arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n
+    {"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|end|>\n
+    {% set rest = messages[1:] if sys_first else messages %}
+{% else %}
+    {% set rest = messages %}
+{% endif %}
+{% for message in rest %}
+    {% if message['role'] == 'tool' %}
+        {% if loop.first or loop.previtem['role'] != 'tool' %}<|start|>user{% endif %}
+        \n<tool_response>\n{{ message['content'] }}\n</tool_response>
+        {% if loop.last or loop.nextitem['role'] != 'tool' %}<|end|>\n{% endif %}
+    {% else %}
+        <|start|>{{ message['role'] }}\n{{ message['content'] or '' }}
+        {% for call in message['tool_calls'] or [] %}
+            {% if not loop.first or message['content'] %}\n{% endif %}
+            <tool_call>\n{"name": {{ call['function']['name'] | tojson }}, "arguments":{{ ' ' }}
+            {% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}
+            {% else %}{{ call['function']['arguments'] | tojson }}{% endif %}
+            }\n</tool_call>
+        {% endfor %}
+        <|end|>\n
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+    <|start|>assistant\n
+    {% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}
+{% endif %}
+"""
+# Lines are joined without their indentation, and each \n becomes an expression: Transformers
+# renders with trim_blocks, which would eat a real newline that follows a block tag.
+CHAT_TEMPLATE = "".join(line.strip() for line in _TEMPLATE_SOURCE.splitlines()).replace(
+    r"\n", "{{ '\\n' }}"
 )
 
 # A small, fixed corpus: conversational English of the kind an avatar speaks, so the merges
@@ -96,6 +148,7 @@ def train_tokenizer(out_dir: Path) -> None:
         pad_token=EOS,
         model_max_length=4096,
     )
+    fast.add_tokens(list(MARKER_TOKENS))
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
 
@@ -127,6 +180,18 @@ def _build_weights(out_dir: Path, vocab_size: int, bos_id: int, eos_id: int) -> 
     )
 
 
+def fingerprint() -> str:
+    """What a build depends on: ``--ensure`` rebuilds a model whose marker says otherwise."""
+    digest = hashlib.sha256()
+    for part in (DEMO_MODEL_VERSION, CHAT_TEMPLATE, _CORPUS, *MARKER_TOKENS):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return f"{DEMO_MODEL_VERSION}:{digest.hexdigest()[:16]}"
+
+
+_MARKER = "DEMO_MODEL_VERSION"
+
+
 def build(out_dir: str | os.PathLike[str]) -> Path:
     """Build the demo model into ``out_dir`` (replaced atomically) and return its path."""
     target = Path(out_dir).expanduser().resolve()
@@ -140,19 +205,36 @@ def build(out_dir: str | os.PathLike[str]) -> Path:
         bos, eos = tok.convert_tokens_to_ids(BOS), tok.convert_tokens_to_ids(EOS)
         assert isinstance(bos, int) and isinstance(eos, int)
         _build_weights(staging, len(tok), bos, eos)
-        (staging / "DEMO_MODEL_VERSION").write_text(DEMO_MODEL_VERSION)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        (staging / _MARKER).write_text(fingerprint())
+        _install(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
+def _install(staging: Path, target: Path) -> None:
+    """Swap the new build in. Test runs and servers share one cache folder, so another process
+    may be building the same model at the same moment: the old folder is moved aside rather
+    than deleted in place, and a current build that won the race is kept."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=".demo-model-old-", dir=target.parent))
+        with contextlib.suppress(FileNotFoundError):  # another builder moved it first
+            target.rename(old / "model")
+    try:
+        staging.rename(target)
+    except OSError:
+        if not is_built(target):  # someone else's build landed, and it is not current
+            raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def is_built(path: str | os.PathLike[str]) -> bool:
-    marker = Path(path).expanduser() / "DEMO_MODEL_VERSION"
-    return marker.is_file() and marker.read_text().strip() == DEMO_MODEL_VERSION
+    marker = Path(path).expanduser() / _MARKER
+    return marker.is_file() and marker.read_text().strip() == fingerprint()
 
 
 def ensure_built(path: str | os.PathLike[str]) -> Path:

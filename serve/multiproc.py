@@ -30,9 +30,12 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serve.settings import Settings
+
+if TYPE_CHECKING:
+    from serve.engine.vllm_engine import VllmEngine
 
 log = logging.getLogger("serve")
 
@@ -250,24 +253,12 @@ async def _run_front_end(
         watch.cancel()
 
 
-async def _watch_engine_flag(engine_alive: Any, engine: Any) -> None:
+async def _watch_engine_flag(engine_alive: Any, engine: VllmEngine) -> None:
     import asyncio
 
     while engine_alive[0]:  # noqa: ASYNC110 - a flag in shared memory has no waiter to await
         await asyncio.sleep(_ENGINE_FLAG_POLL_S)
-    _engine_core_died(engine)
-
-
-def _engine_core_died(engine: Any) -> None:
-    """Fail every request of this front end, as vLLM's own engine monitor does for a front end
-    that owns its engine core (``MPClient.start_engine_core_monitor``): here the parent owns
-    the core and watches it, so the front end learns of its death from the parent."""
-    core = engine._llm.engine_core  # the adapter's AsyncLLM client: vLLM's own fields
-    if core.resources.engine_dead:
-        return
-    log.critical("the engine core has died")
-    core.resources.engine_dead = True
-    core.shutdown()
+    engine.engine_core_died()
 
 
 def _peer_server_class(peer_loads: Any, index: int, ready: Any) -> type[Any]:

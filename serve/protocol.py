@@ -1,16 +1,33 @@
 """Request models, validated once at the door; nothing on the per-token path validates again.
 
 Unknown fields are ignored, as OpenAI's own server does, so clients written for other servers
-work unchanged. Types are strict: ``"max_tokens": "5"`` is refused, not coerced.
+work unchanged. Types are strict: ``"max_tokens": "5"`` is refused, not coerced. Fields that
+agent frameworks send and that change nothing here (``metadata``, ``store``...) are accepted;
+fields that would change the answer but are not implemented are declared ``Refused``, so a
+request that sets them gets a 400 naming the field instead of a silently different answer.
+Rules that span fields (a tool message answers an earlier call, a named tool exists) are the
+service's (``serve.service``), which knows the positions to name.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 NonNegInt = Annotated[int, Field(ge=0)]
+# OpenAI's rule for function and schema names.
+Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+def _refuse(value: Any) -> Any:
+    # Unset-like values (null, false, 0, empty) ask for nothing, so they pass.
+    if value is None or value is False or value == 0 or value == [] or value == {}:
+        return value
+    raise ValueError("this server does not support this field")
+
+
+Refused = Annotated[Any, AfterValidator(_refuse)]
 
 
 class _Request(BaseModel):
@@ -22,16 +39,56 @@ class TextPart(_Request):
     text: str
 
 
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    """A call an assistant made earlier in the conversation."""
+
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ChatMessage(_Request):
     # "developer" is OpenAI's newer name for "system"; it is rendered as "system".
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # Null only for an assistant message that holds tool_calls (checked by the service).
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
-    def text(self) -> str:
-        if isinstance(self.content, str):
+    def text(self) -> str | None:
+        if self.content is None or isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class FunctionDefinition(_Request):
+    name: Name
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of an object
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class JsonSchema(_Request):
+    name: Name
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None  # required with type json_schema (service)
 
 
 class StreamOptions(_Request):
@@ -53,7 +110,26 @@ class SamplingFields(_Request):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     n: Annotated[int, Field(ge=1)] = 1
+    # Accepted and without effect here: they identify, store or bill, and change no answer.
     user: str | None = None
+    # Implemented: a bias per token id (a string key, as JSON objects have), -100 to 100.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # Refused: each would change the answer, and this server does not implement it.
+    logprobs: Refused = None
+    top_logprobs: Refused = None
+    best_of: Refused = None
+    use_beam_search: Refused = None
+    prompt_logprobs: Refused = None
+    stop_token_ids: Refused = None
+    bad_words: Refused = None
+    allowed_token_ids: Refused = None
+    include_stop_str_in_output: Refused = None
+    truncate_prompt_tokens: Refused = None
+    structured_outputs: Refused = None
+    guided_json: Refused = None
+    guided_regex: Refused = None
+    guided_choice: Refused = None
+    guided_grammar: Refused = None
     # vLLM's extra sampling fields, so benchmark clients written for vLLM work unchanged.
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -74,6 +150,32 @@ class SamplingFields(_Request):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    tools: list[Tool] | None = None
+    # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}; its
+    # shape is checked by the service, which can say which part is wrong.
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: false leaves the thoughts out of the answer (a reasoning parser still splits them).
+    include_reasoning: bool = True
+    # As vLLM's server does: "none" renders the template with enable_thinking false, any other
+    # effort with it true, unless chat_template_kwargs says otherwise.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    # Refused chat fields: each would change the answer.
+    functions: Refused = None
+    function_call: Refused = None
+    audio: Refused = None
+    prediction: Refused = None
+    web_search_options: Refused = None
+    chat_template: Refused = None
+    documents: Refused = None
+    continue_final_message: Refused = None
+    echo: Refused = None
+    verbosity: Refused = None
+    modalities: list[Literal["text"]] | None = None
+    add_generation_prompt: Literal[True] = True
+    skip_special_tokens: Literal[True] = True
 
     def requested_max_tokens(self) -> int | None:
         # OpenAI deprecated max_tokens for max_completion_tokens; the newer one wins.

@@ -6,6 +6,11 @@
 Routes stay thin and call ``prepare_chat`` / ``prepare_completion`` then ``respond``. All
 per-request state lives in ``Prepared`` and the request's ``RequestRecord``, never on the shared
 service object.
+
+A chat answer the engine parses (tools to call, a reasoning parser) is streamed by
+``_parsed_frames``: thoughts and tool calls get frames of their own, and only spoken content
+counts for time to first token and first sentence. Every other answer keeps ``_frames``, whose
+per-token work is what it was before tools existed.
 """
 
 from __future__ import annotations
@@ -15,11 +20,21 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.responses import Response
 
 from serve.admission import Admission
-from serve.engine.base import Delta, Engine, SamplingOptions
+from serve.chat import chat_turn, engine_messages, structured_output
+from serve.engine.base import (
+    ChatConfig,
+    ChatTurn,
+    Delta,
+    Engine,
+    SamplingOptions,
+    StructuredOutput,
+    ToolCallDelta,
+)
 from serve.errors import aborted, invalid_request, model_not_found, to_api_error
 from serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from serve.settings import Settings
@@ -39,6 +54,8 @@ class Prepared:
     stream: bool
     include_usage: bool
     format: ChunkFormat
+    turn: ChatTurn | None = None  # chat only
+    parsed: bool = False  # the engine splits the answer into text, reasoning and tool calls
 
 
 class GenerationService:
@@ -48,6 +65,14 @@ class GenerationService:
         self._model_names = frozenset(settings.served_model_names)
         self._max_stop = settings.max_stop_sequences
         self._log_prompts = settings.log_prompts
+        self._chat = ChatConfig(
+            chat_template=settings.chat_template,
+            enable_auto_tool_choice=settings.enable_auto_tool_choice,
+            tool_call_parser=settings.tool_call_parser,
+            tool_parser_plugin=settings.tool_parser_plugin,
+        )
+        # Load the template and parsers now: a bad name fails at start-up, not on a request.
+        engine.check_chat_config(self._chat)
 
     # -- validate and convert ------------------------------------------------------------
 
@@ -56,22 +81,25 @@ class GenerationService:
     ) -> Prepared:
         record.parsed = time.perf_counter()
         self._check_common(req, record)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in req.messages
-        ]
-        if sum(len(m["content"]) for m in messages) > _OFFLOAD_CHARS:
-            prompt_ids = await asyncio.to_thread(self._render_and_encode, messages, record)
+        messages = engine_messages(req.messages)
+        turn = chat_turn(req, self._chat)
+        structured = structured_output(req)
+        size = sum(len(m["content"] or "") for m in messages)
+        if size > _OFFLOAD_CHARS:
+            prompt_ids = await asyncio.to_thread(self._render_and_encode, messages, turn, record)
         else:
-            prompt_ids = self._render_and_encode(messages, record)
+            prompt_ids = self._render_and_encode(messages, turn, record)
         if self._log_prompts:
             record.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-        return self._prepared(req, record, request_id, prompt_ids, "chatcmpl-", chat=True)
+        p = self._prepared(req, record, request_id, prompt_ids, "chatcmpl-", structured)
+        p.turn = turn
+        p.parsed = self._engine.parses(turn)
+        return p
 
     def _render_and_encode(
-        self, messages: list[dict[str, str]], record: RequestRecord
+        self, messages: list[dict[str, Any]], turn: ChatTurn, record: RequestRecord
     ) -> list[int]:
-        text = self._engine.render_chat(messages)
+        text = self._engine.render_chat(messages, turn)
         record.rendered = time.perf_counter()
         # The template already holds the special tokens (BOS, turn markers): add none twice.
         ids = self._engine.encode(text, add_special_tokens=False)
@@ -101,7 +129,7 @@ class GenerationService:
         record.tokenized = time.perf_counter()
         if not prompt_ids:
             raise invalid_request("The prompt is empty.", param="prompt")
-        return self._prepared(req, record, request_id, prompt_ids, "cmpl-", chat=False)
+        return self._prepared(req, record, request_id, prompt_ids, "cmpl-", None)
 
     def _check_token_ids(self, ids: list[int]) -> None:
         vocab = self._engine.vocab_size
@@ -126,6 +154,14 @@ class GenerationService:
             )
         if any(not s for s in stops):
             raise invalid_request("`stop` sequences must not be empty.", param="stop")
+        for key in req.logit_bias or ():
+            if not key.isdigit() or int(key) >= self._engine.vocab_size:
+                raise invalid_request(
+                    f"`logit_bias` keys are token ids from 0 to {self._engine.vocab_size - 1}; "
+                    f"`{key}` is not one.",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
 
     def _prepared(
         self,
@@ -134,9 +170,9 @@ class GenerationService:
         request_id: str,
         prompt_ids: list[int],
         id_prefix: str,
-        *,
-        chat: bool,
+        structured: StructuredOutput | None,
     ) -> Prepared:
+        chat = isinstance(req, ChatCompletionRequest)
         record.prompt_tokens = len(prompt_ids)
         max_tokens = self._fit_window(req, len(prompt_ids), "messages" if chat else "prompt")
         fmt = ChunkFormat(
@@ -145,7 +181,7 @@ class GenerationService:
             created=int(time.time()),
             model=req.model,
         )
-        options = _sampling_options(req, max_tokens)
+        options = _sampling_options(req, max_tokens, structured)
         return Prepared(request_id, prompt_ids, options, req.stream, req.include_usage, fmt)
 
     def _fit_window(
@@ -192,7 +228,7 @@ class GenerationService:
         record.queued = time.perf_counter()
         await self._admission.acquire()
         record.admitted = time.perf_counter()
-        stream = self._engine.generate(p.prompt_ids, p.options, p.request_id)
+        stream = self._engine.generate(p.prompt_ids, p.options, p.request_id, p.turn)
         closed = False
 
         async def close() -> None:
@@ -215,9 +251,11 @@ class GenerationService:
         if first.num_prompt_tokens is not None:
             record.prompt_tokens = first.num_prompt_tokens  # the engine's count is the truth
         if p.stream:
-            return SSEResponse(self._frames(p, first, stream, record), close)
+            frames = self._parsed_frames if p.parsed else self._frames
+            return SSEResponse(frames(p, first, stream, record), close)
         try:
-            body = await self._collect(p, first, stream, record)
+            collect = self._collect_parsed if p.parsed else self._collect
+            body = await collect(p, first, stream, record)
         finally:
             await close()
         return Response(body, media_type="application/json")
@@ -229,6 +267,7 @@ class GenerationService:
         on_text = record.on_text
         clock = time.perf_counter
         first = True
+        cached = delta.num_cached_tokens
         try:
             while True:
                 reason = delta.finish_reason
@@ -252,7 +291,7 @@ class GenerationService:
             yield DONE_FRAME
             return
         if p.include_usage:
-            yield p.format.usage_frame(record.prompt_tokens, record.output_tokens)
+            yield p.format.usage_frame(record.prompt_tokens, record.output_tokens, cached)
         yield DONE_FRAME
 
     async def _collect(
@@ -260,6 +299,7 @@ class GenerationService:
     ) -> bytes:
         parts: list[str] = []
         clock = time.perf_counter
+        cached = delta.num_cached_tokens
         while True:
             record.on_text(delta.text, delta.num_tokens, clock())
             parts.append(delta.text)
@@ -270,11 +310,114 @@ class GenerationService:
             raise aborted()
         record.finish_reason = delta.finish_reason
         return p.format.completion_body(
-            "".join(parts), delta.finish_reason, record.prompt_tokens, record.output_tokens
+            "".join(parts), delta.finish_reason, record.prompt_tokens, record.output_tokens, cached
+        )
+
+    # -- parsed chat answers (tools, reasoning) --------------------------------------------
+
+    async def _parsed_frames(
+        self, p: Prepared, delta: Delta, stream: AsyncGenerator[Delta, None], record: RequestRecord
+    ) -> AsyncGenerator[bytes, None]:
+        """Frames of a parsed answer, each kind of its own (some clients read one field per
+        chunk): thoughts as ``reasoning_content``, spoken text as ``content``, each tool-call
+        fragment alone; the finish reason in a last frame with an empty delta."""
+        fmt = p.format
+        clock = time.perf_counter
+        first = True
+        cached = delta.num_cached_tokens
+        include_reasoning = p.turn is None or p.turn.include_reasoning
+        try:
+            while True:
+                reason = delta.finish_reason
+                if reason == "abort":
+                    raise aborted()
+                if delta.reasoning:
+                    if include_reasoning:
+                        yield fmt.reasoning_frame(delta.reasoning, first)
+                        first = False
+                    # Thinking time is the operator's to see; it is never time to first token.
+                    record.on_reasoning(0 if delta.text else delta.num_tokens, clock())
+                if delta.text:
+                    yield fmt.frame(delta.text, first)
+                    record.on_text(delta.text, delta.num_tokens, clock())
+                    first = False
+                elif not delta.reasoning:
+                    # Tool calls are not spoken: they count as tokens only.
+                    record.output_tokens += delta.num_tokens
+                for call in delta.tool_calls:
+                    yield fmt.tool_call_frame(call, first)
+                    first = False
+                if reason is not None:
+                    yield fmt.frame("", True, reason) if first else fmt.finish_frame(reason)
+                    record.finish_reason = reason
+                    record.reasoning_tokens = delta.num_reasoning_tokens
+                    break
+                delta = await anext(stream)
+        except Exception as exc:  # cancellation (a BaseException) passes through
+            record.finish_reason = "error"
+            yield error_frame(to_api_error(exc))
+            yield DONE_FRAME
+            return
+        if p.include_usage:
+            yield fmt.usage_frame(
+                record.prompt_tokens, record.output_tokens, cached, delta.num_reasoning_tokens
+            )
+        yield DONE_FRAME
+
+    async def _collect_parsed(
+        self, p: Prepared, delta: Delta, stream: AsyncGenerator[Delta, None], record: RequestRecord
+    ) -> bytes:
+        text: list[str] = []
+        reasoning: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}
+        clock = time.perf_counter
+        cached = delta.num_cached_tokens
+        while True:
+            if delta.reasoning:
+                record.on_reasoning(0 if delta.text else delta.num_tokens, clock())
+                reasoning.append(delta.reasoning)
+            if delta.text:
+                record.on_text(delta.text, delta.num_tokens, clock())
+                text.append(delta.text)
+            elif not delta.reasoning:
+                record.output_tokens += delta.num_tokens
+            for call in delta.tool_calls:
+                _merge_call(calls, call)
+            if delta.finish_reason is not None:
+                break
+            delta = await anext(stream)
+        if delta.finish_reason == "abort":
+            raise aborted()
+        record.finish_reason = delta.finish_reason
+        record.reasoning_tokens = delta.num_reasoning_tokens
+        include_reasoning = p.turn is None or p.turn.include_reasoning
+        return p.format.chat_body(
+            "".join(text),
+            "".join(reasoning) if self._engine.reasoning and include_reasoning else None,
+            [calls[i] for i in sorted(calls)],
+            delta.finish_reason,
+            record.prompt_tokens,
+            record.output_tokens,
+            cached,
+            delta.num_reasoning_tokens,
         )
 
 
-def _sampling_options(req: SamplingFields, max_tokens: int) -> SamplingOptions:
+def _merge_call(calls: dict[int, dict[str, Any]], call: ToolCallDelta) -> None:
+    """Accumulate a streamed tool-call fragment into the whole call, as clients do."""
+    whole = calls.setdefault(
+        call.index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+    )
+    if call.id is not None:
+        whole["id"] = call.id
+    if call.name:
+        whole["function"]["name"] += call.name
+    whole["function"]["arguments"] += call.arguments
+
+
+def _sampling_options(
+    req: SamplingFields, max_tokens: int, structured: StructuredOutput | None
+) -> SamplingOptions:
     """The request's sampling fields in the engine's neutral form."""
     return SamplingOptions(
         max_tokens=max_tokens,
@@ -289,4 +432,6 @@ def _sampling_options(req: SamplingFields, max_tokens: int) -> SamplingOptions:
         repetition_penalty=req.repetition_penalty,
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
+        structured=structured,
+        logit_bias=tuple((int(k), v) for k, v in (req.logit_bias or {}).items()),
     )

@@ -101,6 +101,26 @@ class Settings(BaseModel):
     log_prompts: bool = Field(
         False, description="Include prompt text in the access log (off: prompts are private)."
     )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template, a file or the template itself (vLLM's --chat-template). "
+        "None: the model's own.",
+    )
+    enable_auto_tool_choice: bool = Field(
+        False,
+        description="Let the model decide when to call tools (tool_choice auto): its text is "
+        "read for tool calls by --tool-call-parser (vLLM's flag).",
+    )
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM's tool-call parser for the model's format (hermes for the demo model; "
+        "vLLM's --tool-call-parser). Also writes forced calls in that format when it can.",
+    )
+    tool_parser_plugin: str | None = Field(
+        None,
+        description="A Python file that registers more tool-call parsers (vLLM's "
+        "--tool-parser-plugin).",
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM AsyncEngineArgs fields; filled from the engine flags by serve.cli.",
@@ -125,6 +145,12 @@ class Settings(BaseModel):
     def _queue_within_duration(self) -> Settings:
         if self.queue_timeout > self.max_request_duration:
             raise ValueError("queue_timeout must not exceed max_request_duration")
+        return self
+
+    @model_validator(mode="after")
+    def _auto_tools_need_a_parser(self) -> Settings:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (vLLM's rule)")
         return self
 
     @property

@@ -14,6 +14,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from serve.engine.base import ToolCallDelta
 from serve.errors import APIError, error_json
 
 DONE_FRAME = b"data: [DONE]\n\n"
@@ -26,12 +27,24 @@ SSE_HEADERS = [
 _dumps = orjson.dumps
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def usage_dict(
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int | None = None,
+    reasoning_tokens: int | None = None,
+) -> dict[str, Any]:
+    """OpenAI's usage object; the details only where the engine reports them."""
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached_tokens is not None:
+        # Prompt tokens the prefix cache served: agents resend the conversation every turn.
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    if reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
 
 
 class ChunkFormat:
@@ -54,6 +67,9 @@ class ChunkFormat:
             self._first = choice + b'"role":"assistant","content":'
             self._next = choice + b'"content":'
             self._close = b'},"logprobs":null,"finish_reason":'
+            # Parsed answers only (tools, reasoning): frames of thoughts, tool calls, the end.
+            self._choice = choice
+            self._role = b'"role":"assistant",'
         else:
             choice = head + b',"choices":[{"index":0,"text":'
             self._first = self._next = choice
@@ -68,23 +84,86 @@ class ChunkFormat:
             return b"".join((start, _dumps(text), self._open_tail))
         return b"".join((start, _dumps(text), self._close, _dumps(finish_reason), b"}]}\n\n"))
 
-    def usage_frame(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        usage = _dumps(usage_dict(prompt_tokens, completion_tokens))
-        return b"".join((self._usage_head, usage, b"}\n\n"))
+    def reasoning_frame(self, text: str, first: bool) -> bytes:
+        """Thoughts, in vLLM's ``reasoning_content`` field: never ``content``, never spoken."""
+        role = self._role if first else b""
+        return b"".join(
+            (self._choice, role, b'"reasoning_content":', _dumps(text), self._open_tail)
+        )
+
+    def tool_call_frame(self, call: ToolCallDelta, first: bool) -> bytes:
+        """One tool-call fragment in OpenAI's shape: a call opens with its index, id, type and
+        name (arguments ""), then its arguments arrive in fragments of their own."""
+        entry: dict[str, Any] = {"index": call.index}
+        if call.id is not None or call.name is not None:
+            entry["id"] = call.id
+            entry["type"] = "function"
+            entry["function"] = {"name": call.name, "arguments": call.arguments}
+        else:
+            entry["function"] = {"arguments": call.arguments}
+        role = self._role + b'"content":null,' if first else b""
+        return b"".join(
+            (self._choice, role, b'"tool_calls":[', _dumps(entry), b"]", self._open_tail)
+        )
+
+    def finish_frame(self, finish_reason: str) -> bytes:
+        """The last frame of a parsed answer: an empty delta with the finish reason."""
+        return b"".join((self._choice, self._close, _dumps(finish_reason), b"}]}\n\n"))
+
+    def usage_frame(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int | None = None,
+        reasoning_tokens: int | None = None,
+    ) -> bytes:
+        usage = usage_dict(prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens)
+        return b"".join((self._usage_head, _dumps(usage), b"}\n\n"))
 
     def completion_body(
-        self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
+        self,
+        text: str,
+        finish_reason: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int | None = None,
     ) -> bytes:
         """The whole non-streaming response."""
         if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            choice: dict[str, Any] = {"index": 0, "message": message}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text}
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish_reason
+        return self._body(choice, usage_dict(prompt_tokens, completion_tokens, cached_tokens))
+
+    def chat_body(
+        self,
+        text: str,
+        reasoning: str | None,
+        tool_calls: list[dict[str, Any]],
+        finish_reason: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int | None,
+        reasoning_tokens: int | None,
+    ) -> bytes:
+        """The whole non-streaming response of a parsed answer: content is null when the answer
+        is only tool calls, as OpenAI writes it."""
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": text if text or not tool_calls else None,
+        }
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning or None
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        usage = usage_dict(prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens)
+        return self._body(choice, usage)
+
+    def _body(self, choice: dict[str, Any], usage: dict[str, Any]) -> bytes:
         return _dumps(
             {
                 "id": self.response_id,
@@ -92,7 +171,7 @@ class ChunkFormat:
                 "created": self.created,
                 "model": self.model,
                 "choices": [choice],
-                "usage": usage_dict(prompt_tokens, completion_tokens),
+                "usage": usage,
             }
         )
 

@@ -67,7 +67,8 @@ TTFT_STAGES = {
     "tokenize": "the prompt turned into token ids",
     "validate": "the context-window check, sampling options and frame templates",
     "admit": "waiting for an engine slot (admission)",
-    "submit": "the engine's input processing and hand-off to the engine core",
+    "submit": "the engine's input processing and hand-off to the engine core, which takes new "
+    "requests between steps (so this includes the rest of the step it is running)",
     "engine_queue": "waiting in the engine's scheduler",
     "prefill": "the engine computing the first token",
     "output": "the first token on its way back: output handler, detokenizer",
@@ -141,6 +142,18 @@ class Metrics:
             + ", ".join(TTFT_STAGES)
             + "); the stages of one request add up to its TTFT.",
             ("endpoint", "stage"), buckets=STAGE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.reasoning = Histogram(
+            "avatar_reasoning_seconds",
+            "How long an answer thought before it spoke or called a tool (first to last "
+            "reasoning frame); only answers that reasoned (--reasoning-parser).",
+            labels, buckets=E2E_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.reasoning_tokens = Histogram(
+            "avatar_reasoning_tokens",
+            "Reasoning tokens per answer that reasoned (never spoken; they delay the first "
+            "spoken token).",
+            labels, buckets=TOKEN_BUCKETS, registry=registry,
         )  # fmt: skip
         self.prompt_tokens_hist = Histogram(
             "avatar_request_prompt_tokens", "Prompt tokens per request.",
@@ -313,6 +326,23 @@ class RequestRecord:
     status: int = 200
     prompt_text: str | None = None  # kept only when the operator opts in (--log-prompts)
     gaps: list[float] = field(default_factory=list)
+    # Thoughts (--reasoning-parser): streamed apart, never spoken, so outside the TTFT clock.
+    first_reasoning: float | None = None
+    last_reasoning: float | None = None
+    reasoning_tokens: int | None = None  # the engine's count, set at the end
+
+    def on_reasoning(self, num_tokens: int, now: float) -> None:
+        """Per reasoning frame (parsed answers only): its time, and its tokens as output."""
+        if self.first_reasoning is None:
+            self.first_reasoning = now
+        self.last_reasoning = now
+        self.output_tokens += num_tokens
+
+    @property
+    def reasoning_seconds(self) -> float | None:
+        if self.first_reasoning is None or self.last_reasoning is None:
+            return None
+        return self.last_reasoning - self.first_reasoning
 
     def on_text(self, text: str, num_tokens: int, now: float) -> None:
         """Per streamed frame: keep it to a few assignments (runs for every token)."""
@@ -373,6 +403,9 @@ class RequestRecord:
                 metrics.ttft_stage.labels(self.endpoint, stage).observe(seconds)
         if self.first_sentence is not None:
             metrics.ttfs.labels(*labels).observe(self.first_sentence - self.arrival)
+        if self.reasoning_seconds is not None:
+            metrics.reasoning.labels(*labels).observe(self.reasoning_seconds)
+            metrics.reasoning_tokens.labels(*labels).observe(self.reasoning_tokens or 0)
         if self.gaps:
             observe_all(metrics.itl.labels(*labels), self.gaps)
         metrics.e2e.labels(*labels).observe(now - self.arrival)

@@ -57,7 +57,9 @@ def _field_error(exc: ValidationError) -> APIError:
         return invalid_request(
             f"Missing required parameter: `{param}`.", param, "missing_required_parameter"
         )
-    return invalid_request(f"Invalid value for `{param}`: {err['msg']}.", param, "invalid_value")
+    # A validator's own message reads better without pydantic's "Value error, " prefix.
+    message = err["msg"].removeprefix("Value error, ")
+    return invalid_request(f"Invalid value for `{param}`: {message}.", param, "invalid_value")
 
 
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict"})

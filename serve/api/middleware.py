@@ -246,6 +246,9 @@ class RequestGuard:
                 }
             entry["prompt_tokens"] = record.prompt_tokens
             entry["output_tokens"] = record.output_tokens
+            if record.reasoning_seconds is not None:
+                entry["reasoning_ms"] = round(record.reasoning_seconds * 1000, 2)
+                entry["reasoning_tokens"] = record.reasoning_tokens
             entry["finish_reason"] = record.finish_reason
             if record.prompt_text is not None:
                 entry["prompt"] = record.prompt_text

@@ -7,9 +7,16 @@ and an engine of another version can be slotted in behind it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Literal, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """Guided decoding: the answer is a JSON object, matching ``json_schema`` when one is given."""
+
+    json_schema: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,16 +35,75 @@ class SamplingOptions:
     repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    structured: StructuredOutput | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatConfig:
+    """The operator's chat settings, with the meaning of vLLM's flags of the same names.
+
+    ``chat_template`` is a file path or the template itself (None: the model's own);
+    ``enable_auto_tool_choice`` with ``tool_call_parser`` reads tool calls out of free text;
+    ``tool_parser_plugin`` is a file that registers more parsers.
+    """
+
+    chat_template: str | None = None
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    tool_parser_plugin: str | None = None
+
+
+ToolChoice = Literal["none", "auto", "required", "function"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    """One chat request's tools and template inputs, in OpenAI's shapes (validated upstream).
+
+    ``tools`` are ``{"type": "function", "function": {...}}`` objects. ``tool_choice`` "function"
+    forces the call of ``tool_name``; "required" forces at least one call of any tool. A forced
+    call is guided by the tool's schema, so its arguments always parse and match it.
+    """
+
+    config: ChatConfig
+    tools: tuple[Mapping[str, Any], ...] = ()
+    tool_choice: ToolChoice = "none"
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+    template_kwargs: Mapping[str, Any] | None = None
+    include_reasoning: bool = True
+
+    @property
+    def calls_tools(self) -> bool:
+        """The answer may hold tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A fragment of one streamed tool call, in OpenAI's shape: a call's first fragment carries
+    ``id`` and ``name``, later ones only more ``arguments`` text."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 @dataclass(slots=True)
 class Delta:
     """What one engine step added to one request: new text, never the text so far.
 
-    ``finish_reason`` is set on the last delta only: "stop", "length" or "abort".
-    ``num_prompt_tokens`` is set on the first delta, and ``engine_times`` on it when the engine
-    keeps them: when it queued the request, first scheduled it and made its first token, on the
-    clock of ``time.perf_counter`` (the TTFT breakdown reads them).
+    ``finish_reason`` is set on the last delta only: "stop", "length", "abort", or "tool_calls"
+    (the answer called tools). ``num_prompt_tokens`` and ``num_cached_tokens`` (prompt tokens
+    served from the prefix cache) are set on the first delta, and ``engine_times`` on it when the
+    engine keeps them: when it queued the request, first scheduled it and made its first token,
+    on the clock of ``time.perf_counter`` (the TTFT breakdown reads them).
+
+    When the engine parses a chat answer (``Engine.parses``), ``text`` is what may be spoken and
+    nothing else: thoughts go to ``reasoning``, tool calls to ``tool_calls``, and the last delta
+    counts the reasoning tokens in ``num_reasoning_tokens``.
     """
 
     text: str
@@ -45,6 +111,10 @@ class Delta:
     finish_reason: str | None = None
     num_prompt_tokens: int | None = None
     engine_times: tuple[float, float, float] | None = None
+    num_cached_tokens: int | None = None
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    num_reasoning_tokens: int | None = None
 
 
 class EngineError(Exception):
@@ -86,8 +156,31 @@ class Engine(Protocol):
         """Token ids a prompt may hold are ``0 <= id < vocab_size``."""
         ...
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        """Apply the model's chat template with a generation prompt; return the prompt text."""
+    @property
+    def reasoning(self) -> bool:
+        """A reasoning parser is configured: chat answers carry their thoughts apart."""
+        ...
+
+    def check_chat_config(self, config: ChatConfig) -> None:
+        """Load what ``config`` names (template, parsers); ValueError if this engine cannot."""
+        ...
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], turn: ChatTurn | None = None
+    ) -> str:
+        """Apply the chat template with a generation prompt; return the prompt text.
+
+        Messages are OpenAI's (roles system, user, assistant with ``tool_calls``, tool with
+        ``tool_call_id``; content a string or None). The turn's tools and template kwargs go to
+        the template. A template that refuses the conversation raises ``EngineInputError``.
+        """
+        ...
+
+    def parses(self, turn: ChatTurn) -> bool:
+        """Whether ``generate`` splits this turn's answer into text, reasoning and tool calls.
+
+        When it does not, a delta's ``text`` is the raw answer and nothing else is set.
+        """
         ...
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
@@ -95,9 +188,18 @@ class Engine(Protocol):
         ...
 
     def generate(
-        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        request_id: str,
+        turn: ChatTurn | None = None,
     ) -> AsyncGenerator[Delta, None]:
-        """Stream deltas for one request. Closing the generator early aborts the request."""
+        """Stream deltas for one request. Closing the generator early aborts the request.
+
+        ``turn`` is the chat request's tools and settings (None for a text completion): tool
+        choices that force a call are guided by the tools' schemas, and the answer is parsed
+        when ``parses(turn)``. A refused input raises ``EngineInputError`` before the first delta.
+        """
         ...
 
     def num_unfinished_requests(self) -> int:

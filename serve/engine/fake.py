@@ -3,22 +3,40 @@
 Each prompt token is one whitespace-separated word; the reply cycles through ``WORDS``. Tests can
 slow it down (``token_delay``), hold it before the first token (``first_token_gate``), kill it
 (``kill()``), and read which requests it saw and which were aborted.
+
+Agent tests give it a tokenizer (the demo model's) and a ``script``: the reply is then exactly
+those text chunks, one engine step each, and a chat answer is parsed by vLLM's own tool-call and
+reasoning parsers (``vllm_agents``, imported only then), as the real engine parses it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any
 
-from serve.engine.base import Delta, EngineDeadError, EngineInputError, SamplingOptions
+from serve.engine.base import (
+    ChatConfig,
+    ChatTurn,
+    Delta,
+    EngineDeadError,
+    EngineInputError,
+    SamplingOptions,
+)
 
 WORDS = ("Hello", " there", ".", " How", " can", " I", " help", " you", " today", "?")
 
 
 class FakeEngine:
     def __init__(
-        self, max_model_len: int = 256, token_delay: float = 0.0, vocab_size: int = 1000
+        self,
+        max_model_len: int = 256,
+        token_delay: float = 0.0,
+        vocab_size: int = 1000,
+        *,
+        tokenizer: Any = None,
+        reasoning_parser: str | None = None,
     ) -> None:
         self._max_model_len = max_model_len
         self._vocab_size = vocab_size
@@ -28,7 +46,15 @@ class FakeEngine:
         self._unfinished: set[str] = set()
         self.seen: list[tuple[str, list[int], SamplingOptions]] = []
         self.aborted: list[str] = []
-        self.rendered: list[list[dict[str, str]]] = []
+        self.rendered: list[list[dict[str, Any]]] = []
+        self.turns: list[ChatTurn | None] = []  # the turn of each generate() call
+        self.script: list[str] | None = None  # the reply's text chunks, when set
+        self._tokenizer = tokenizer
+        self._chat: Any = None
+        if tokenizer is not None:
+            from serve.engine.vllm_agents import ChatSupport
+
+            self._chat = ChatSupport(tokenizer, reasoning_parser=reasoning_parser)
 
     @property
     def max_model_len(self) -> int:
@@ -45,21 +71,43 @@ class FakeEngine:
     def kill(self) -> None:
         self._alive = False
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+    @property
+    def reasoning(self) -> bool:
+        return self._chat is not None and bool(self._chat.reasoning)
+
+    def check_chat_config(self, config: ChatConfig) -> None:
+        if self._chat is not None:
+            self._chat.check(config)
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], turn: ChatTurn | None = None
+    ) -> str:
         self.rendered.append([dict(m) for m in messages])
-        return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
+        return " ".join(f"<{m['role']}> {m['content'] or ''}" for m in messages) + " <assistant>"
+
+    def parses(self, turn: ChatTurn) -> bool:
+        return self._chat is not None and bool(self._chat.parses(turn))
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return [min(len(word), self._vocab_size - 1) for word in text.split()]
 
     async def generate(
-        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        request_id: str,
+        turn: ChatTurn | None = None,
     ) -> AsyncGenerator[Delta, None]:
         if not self._alive:
             raise EngineDeadError("the engine is not running")
         if any(not 0 <= t < self._vocab_size for t in prompt_token_ids):
             raise EngineInputError("Token id out of vocabulary", param="prompt", public=True)
         self.seen.append((request_id, list(prompt_token_ids), options))
+        self.turns.append(turn)
+        if self.script is not None:
+            async for delta in self._scripted(prompt_token_ids, options, request_id, turn):
+                yield delta
+            return
         self._unfinished.add(request_id)
         queued = time.perf_counter()
         finished = False
@@ -99,6 +147,41 @@ class FakeEngine:
                 )
                 if finished:
                     return
+        finally:
+            self._unfinished.discard(request_id)
+            if not finished:
+                self.aborted.append(request_id)
+
+    async def _scripted(
+        self,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        request_id: str,
+        turn: ChatTurn | None,
+    ) -> AsyncGenerator[Delta, None]:
+        """The scripted reply, one chunk a step, parsed as the real engine parses it."""
+        assert self.script is not None
+        parser = None
+        if turn is not None and self.parses(turn):
+            parser = self._chat.start(turn, options, prompt_token_ids)
+        chunks = self.script[: options.max_tokens]
+        self._unfinished.add(request_id)
+        finished = False
+        try:
+            for i, chunk in enumerate(chunks):
+                await asyncio.sleep(self.token_delay)
+                last = i == len(chunks) - 1
+                reason = ("stop" if len(chunks) == len(self.script) else "length") if last else None
+                ids = self._tokenizer.encode(chunk, add_special_tokens=False)
+                if parser is not None:
+                    delta = parser.feed(chunk, ids, reason)
+                else:
+                    delta = Delta(chunk, len(ids), reason)
+                if i == 0:
+                    delta.num_prompt_tokens = len(prompt_token_ids)
+                    delta.num_cached_tokens = 0
+                finished = last
+                yield delta
         finally:
             self._unfinished.discard(request_id)
             if not finished:

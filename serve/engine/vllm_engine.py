@@ -1,15 +1,17 @@
 """The adapter over vLLM's async engine (``vllm.v1.engine.async_llm.AsyncLLM``).
 
-The only module of the request path that imports vLLM. It turns engine-neutral
+With ``vllm_agents`` (templates with tools, tool-call and reasoning parsers, guided decoding),
+the only modules of the request path that import vLLM. It turns engine-neutral
 ``SamplingOptions`` into ``SamplingParams`` with DELTA output, so each step yields only the new
 text and per-token work does not grow with the length of the answer, and it turns vLLM's
-exceptions into the engine-neutral ones of ``base``.
+exceptions into the engine-neutral ones of ``base``. A chat answer that must be parsed (tools
+to call, a reasoning parser) goes through a loop of its own, so the plain loop stays as cheap.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 from vllm import SamplingParams
@@ -22,7 +24,15 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from serve.engine.base import Delta, EngineDeadError, EngineInputError, SamplingOptions
+from serve.engine.base import (
+    ChatConfig,
+    ChatTurn,
+    Delta,
+    EngineDeadError,
+    EngineInputError,
+    SamplingOptions,
+)
+from serve.engine.vllm_agents import ChatSupport, TurnParser, structured_outputs
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +83,14 @@ class VllmEngine:
         # at most the larger of the tokenizer's last id and the model's last embedding row.
         last_tokenizer_id = getattr(self._tokenizer, "max_token_id", len(self._tokenizer) - 1)
         self._vocab_size = max(int(last_tokenizer_id) + 1, llm.model_config.get_vocab_size())
+        # --reasoning-parser is an engine flag (it also steers guided decoding in the core).
+        so_config = llm.vllm_config.structured_outputs_config
+        self._chat = ChatSupport(
+            self._tokenizer,
+            model_config=llm.model_config,
+            reasoning_parser=so_config.reasoning_parser or None,
+            reasoning_parser_plugin=so_config.reasoning_parser_plugin or None,
+        )
 
     @classmethod
     def from_engine_args(
@@ -119,33 +137,54 @@ class VllmEngine:
     def vocab_size(self) -> int:
         return self._vocab_size
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        return str(
-            self._tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=False
-            )
-        )
+    @property
+    def reasoning(self) -> bool:
+        return self._chat.reasoning
+
+    def check_chat_config(self, config: ChatConfig) -> None:
+        self._chat.check(config)
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], turn: ChatTurn | None = None
+    ) -> str:
+        return self._chat.render(messages, turn)
+
+    def parses(self, turn: ChatTurn) -> bool:
+        return self._chat.parses(turn)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     async def generate(
-        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        request_id: str,
+        turn: ChatTurn | None = None,
     ) -> AsyncGenerator[Delta, None]:
         first = True
         stream = None
+        parser: TurnParser | None = None
         try:
-            params = _sampling_params(options)
-            stream = self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
+            if turn is not None and self._chat.parses(turn):
+                parser = self._chat.start(turn, options, prompt_token_ids)
+            params = _sampling_params(options, parser)
+            stream = self._llm.generate(
+                {"prompt_token_ids": prompt_token_ids},
+                params,
+                request_id,
+                reasoning_ended=parser.reasoning_ended if parser is not None else None,
+            )
             async for out in stream:
                 completion = out.outputs[0]
-                delta = Delta(
-                    text=completion.text,
-                    num_tokens=len(completion.token_ids),
-                    finish_reason=completion.finish_reason if out.finished else None,
-                )
+                reason = completion.finish_reason if out.finished else None
+                if parser is None:
+                    delta = Delta(completion.text, len(completion.token_ids), reason)
+                else:
+                    delta = parser.feed(completion.text, completion.token_ids, reason)
                 if first:
                     delta.num_prompt_tokens = len(out.prompt_token_ids or prompt_token_ids)
+                    delta.num_cached_tokens = out.num_cached_tokens
                     delta.engine_times = _engine_times(out.metrics)
                     first = False
                 yield delta
@@ -156,6 +195,17 @@ class VllmEngine:
             message = exc.args[0] if exc.args else str(exc)
             raise EngineInputError(str(message), param=exc.parameter, public=True) from exc
         except (ValueError, TypeError) as exc:
+            guided = options.structured is not None or (
+                parser is not None and parser.structured is not None
+            )
+            if first and guided:
+                # The guided-decoding grammar was refused (vLLM checks it when the request is
+                # added): the schema is the client's, so the message is for the client.
+                raise EngineInputError(
+                    f"The schema cannot be used for guided decoding: {exc}",
+                    param=_schema_param(options, turn),
+                    public=True,
+                ) from exc
             # Other input errors of vLLM's (SamplingParams checks) are ValueErrors.
             raise EngineInputError(str(exc)) from exc
         except Exception as exc:
@@ -167,6 +217,18 @@ class VllmEngine:
             # request at once: that is how a client that left frees its engine slot.
             if stream is not None:
                 await stream.aclose()
+
+    def engine_core_died(self) -> None:
+        """Told from outside that the engine core has died (``--api-server-count``: the launcher
+        owns the core and watches it). Fails every request of this front end, as vLLM's own
+        monitor does for a front end that owns its core (``MPClient.start_engine_core_monitor``).
+        """
+        core = self._llm.engine_core
+        if core.resources.engine_dead:
+            return
+        log.critical("the engine core has died")
+        core.resources.engine_dead = True
+        core.shutdown()
 
     def num_unfinished_requests(self) -> int:
         # AsyncLLM.get_num_unfinished_requests() is new in recent releases; the output
@@ -196,7 +258,13 @@ def _engine_times(stats: Any) -> tuple[float, float, float] | None:
     return times if all(t > 0.0 for t in times) else None
 
 
-def _sampling_params(options: SamplingOptions) -> SamplingParams:
+def _schema_param(options: SamplingOptions, turn: ChatTurn | None) -> str:
+    if turn is not None and turn.tool_choice in ("required", "function"):
+        return "tools"
+    return "response_format" if options.structured is not None else "tools"
+
+
+def _sampling_params(options: SamplingOptions, parser: TurnParser | None) -> SamplingParams:
     kwargs: dict[str, Any] = {
         "max_tokens": options.max_tokens,
         "stop": list(options.stop) or None,
@@ -207,6 +275,14 @@ def _sampling_params(options: SamplingOptions) -> SamplingParams:
         "seed": options.seed,
         "output_kind": RequestOutputKind.DELTA,
     }
+    if options.logit_bias:
+        kwargs["logit_bias"] = dict(options.logit_bias)
+    if parser is not None:
+        # The parser's request decides: a forced call's grammar replaces the response format.
+        kwargs["structured_outputs"] = parser.structured
+        kwargs["skip_special_tokens"] = parser.skip_special_tokens
+    elif options.structured is not None:
+        kwargs["structured_outputs"] = structured_outputs(options.structured)
     # Leave unset fields to vLLM's defaults rather than restating them here.
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
         value = getattr(options, name)

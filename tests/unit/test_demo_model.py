@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from serve import demo_model
 
 
@@ -29,3 +31,17 @@ def test_demo_model_builds_offline(tmp_path: Path) -> None:
     assert text.endswith("<|start|>assistant\n") and "Hello there!" in text
     assert tok.decode(tok.encode("Good morning!", add_special_tokens=False)) == "Good morning!"
     assert len(tok) <= config["vocab_size"]
+
+
+def test_a_changed_template_makes_the_cache_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--ensure` rebuilds when the template (or corpus, or marker tokens) changed, with no
+    version bump to remember."""
+    (tmp_path / "DEMO_MODEL_VERSION").write_text(demo_model.fingerprint())
+    assert demo_model.is_built(tmp_path)
+    monkeypatch.setattr(demo_model, "CHAT_TEMPLATE", demo_model.CHAT_TEMPLATE + " ")
+    assert not demo_model.is_built(tmp_path)
+    (tmp_path / "DEMO_MODEL_VERSION").write_text("1")  # a build of the first version
+    monkeypatch.undo()
+    assert not demo_model.is_built(tmp_path)

@@ -1,0 +1,333 @@
+"""Tool calls, structured output and the agent's history on the real engine and the demo model,
+through the official OpenAI SDK and LiveKit Agents' own OpenAI client.
+
+The demo model's weights are random: what it writes is gibberish, but guided decoding must make
+every forced call's arguments valid JSON that matches the tool's schema. The schemas use enums
+and maxLength, so a random model finishes a call in a few dozen tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+import httpx
+import jsonschema
+import pytest
+from openai import AsyncOpenAI
+from pydantic import Field
+
+from tests.support import MODEL, TEST_API_KEY, ServerProcess, running_server
+
+MOOD = {
+    "type": "object",
+    "properties": {
+        "mood": {"type": "string", "enum": ["happy", "sad", "calm"]},
+        "note": {"type": "string", "maxLength": 12},
+    },
+    "required": ["mood", "note"],
+    "additionalProperties": False,
+}
+WAVE = {
+    "type": "object",
+    "properties": {"hand": {"type": "string", "enum": ["left", "right"]}},
+    "required": ["hand"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "set_mood", "parameters": MOOD}},
+    {"type": "function", "function": {"name": "wave", "parameters": WAVE}},
+]
+SCHEMAS = {"set_mood": MOOD, "wave": WAVE}
+NAMED = {"type": "function", "function": {"name": "set_mood"}}
+USER = [{"role": "user", "content": "Hello! How are you today?"}]
+HISTORY = [
+    {"role": "system", "content": "You are a friendly museum guide."},
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 24 degrees."},
+]
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log_path = tmp_path_factory.mktemp("tools") / "server.log"
+    flags = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+    with running_server(log_path, "--api-key", TEST_API_KEY, *flags) as srv:
+        yield srv
+
+
+def sdk(server: ServerProcess) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=server.base_url + "/v1", api_key=TEST_API_KEY, max_retries=0)
+
+
+def assert_valid_call(name: str, arguments: str) -> None:
+    assert name in SCHEMAS, name
+    jsonschema.validate(json.loads(arguments), SCHEMAS[name])  # strict JSON: no raw controls
+
+
+@pytest.mark.parametrize("choice", ["required", NAMED], ids=["required", "named"])
+async def test_forced_calls_match_the_schema(tool_server: ServerProcess, choice: Any) -> None:
+    for seed in range(6):
+        resp = await sdk(tool_server).chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Hello number {seed}!"}],  # type: ignore[list-item]
+            tools=TOOLS,  # type: ignore[arg-type]
+            tool_choice=choice,
+            parallel_tool_calls=False,
+            max_completion_tokens=400,
+            seed=seed,
+        )
+        choice_ = resp.choices[0]
+        assert choice_.finish_reason == ("stop" if choice is NAMED else "tool_calls")
+        calls = choice_.message.tool_calls or []
+        assert len(calls) == 1 and choice_.message.content is None
+        call = calls[0]
+        assert call.type == "function" and call.id
+        if choice is NAMED:
+            assert call.function.name == "set_mood"
+        assert_valid_call(call.function.name, call.function.arguments)
+
+
+async def test_forced_calls_without_a_parser_are_json_guided(server: ServerProcess) -> None:
+    """The session's server has no tool parser: forced calls take vLLM's generic JSON route."""
+    for choice in ("required", NAMED):
+        for seed in range(3):
+            resp = await sdk(server).chat.completions.create(
+                model=MODEL,
+                messages=USER,  # type: ignore[arg-type]
+                tools=TOOLS,  # type: ignore[arg-type]
+                tool_choice=choice,  # type: ignore[arg-type]
+                parallel_tool_calls=False,
+                max_completion_tokens=400,
+                seed=seed,
+            )
+            [call] = resp.choices[0].message.tool_calls or []
+            assert_valid_call(call.function.name, call.function.arguments)
+
+
+async def test_sdk_accumulates_streamed_calls(tool_server: ServerProcess) -> None:
+    """The SDK's own stream helper rebuilds the call from the fragments we stream."""
+    async with sdk(tool_server).chat.completions.stream(
+        model=MODEL,
+        messages=USER,  # type: ignore[arg-type]
+        tools=TOOLS,  # type: ignore[arg-type]
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_completion_tokens=400,
+        seed=3,
+    ) as stream:
+        fragments = []
+        async for event in stream:
+            if event.type == "tool_calls.function.arguments.delta":
+                fragments.append(event.arguments_delta)
+        final = await stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls or []
+    assert len(fragments) > 1, "the arguments arrive in fragments"
+    assert call.function.arguments == "".join(fragments)
+    assert_valid_call(call.function.name, call.function.arguments)
+
+
+async def test_raw_stream_of_a_forced_call(tool_server: ServerProcess) -> None:
+    body = {
+        "model": MODEL,
+        "messages": USER,
+        "tools": TOOLS,
+        "tool_choice": NAMED,
+        "stream": True,
+        "max_tokens": 400,
+        "seed": 1,
+    }
+    headers = {"Authorization": f"Bearer {TEST_API_KEY}"}
+    r = httpx.post(tool_server.base_url + "/v1/chat/completions", json=body, headers=headers)
+    frames = [f.removeprefix("data: ") for f in r.text.split("\n\n") if f]
+    assert frames[-1] == "[DONE]"
+    chunks = [json.loads(f)["choices"][0] for f in frames[:-1]]
+    opening = chunks[0]["delta"]
+    assert opening["role"] == "assistant" and opening["content"] is None
+    [head] = opening["tool_calls"]
+    assert head["index"] == 0 and head["id"].startswith("chatcmpl-tool-")
+    assert head["type"] == "function" and head["function"] == {"name": "set_mood", "arguments": ""}
+    middle = [c["delta"]["tool_calls"] for c in chunks[1:-1]]
+    assert all(len(m) == 1 and set(m[0]) == {"index", "function"} for m in middle)
+    assert chunks[-1] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    arguments = "".join(m[0]["function"]["arguments"] for m in middle)
+    assert_valid_call("set_mood", arguments)
+
+
+async def test_json_schema_output_validates(tool_server: ServerProcess) -> None:
+    for seed in range(4):
+        resp = await sdk(tool_server).chat.completions.create(
+            model=MODEL,
+            messages=USER,  # type: ignore[arg-type]
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "mood", "schema": MOOD, "strict": True},
+            },
+            max_completion_tokens=400,
+            seed=seed,
+        )
+        assert resp.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(resp.choices[0].message.content or ""), MOOD)
+    resp = await sdk(tool_server).chat.completions.create(
+        model=MODEL,
+        messages=USER,  # type: ignore[arg-type]
+        response_format={"type": "json_object"},
+        max_completion_tokens=8,
+    )
+    assert (resp.choices[0].message.content or "").lstrip().startswith("{")
+
+
+async def test_tool_history_and_the_prefix_cache(tool_server: ServerProcess) -> None:
+    """An agent resends the conversation, tool turns included, each turn: it is accepted, and
+    the second time the prefix cache serves most of it."""
+    cached = []
+    for _ in range(2):
+        resp = await sdk(tool_server).chat.completions.create(
+            model=MODEL,
+            messages=HISTORY,  # type: ignore[arg-type]
+            tools=[*TOOLS, {"type": "function", "function": {"name": "get_weather"}}],  # type: ignore[list-item]
+            max_completion_tokens=8,
+            extra_body={"ignore_eos": True},
+        )
+        assert resp.choices[0].finish_reason in ("length", "tool_calls", "stop")
+        usage = resp.usage
+        assert usage is not None and usage.prompt_tokens_details is not None
+        cached.append(usage.prompt_tokens_details.cached_tokens or 0)
+        prompt_tokens = usage.prompt_tokens
+    assert cached[1] >= prompt_tokens // 2, (cached, prompt_tokens)
+
+
+async def test_auto_streams_text_with_tools(tool_server: ServerProcess) -> None:
+    stream = await sdk(tool_server).chat.completions.create(
+        model=MODEL,
+        messages=USER,  # type: ignore[arg-type]
+        tools=TOOLS,  # type: ignore[arg-type]
+        stream=True,
+        max_completion_tokens=16,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finish[-1] in ("length", "stop", "tool_calls") and not any(finish[:-1])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 16
+
+
+async def test_livekit_agents_client(tool_server: ServerProcess) -> None:
+    """LiveKit Agents' own OpenAI plugin, as a voice agent drives us: a spoken reply, then a
+    forced tool call, then a reply after the tool's result."""
+    from livekit.agents import llm
+    from livekit.plugins import openai as lk_openai
+
+    @llm.function_tool
+    async def set_mood(
+        mood: Literal["happy", "sad", "calm"],
+        note: Annotated[str, Field(max_length=12)],
+    ) -> str:
+        """Set the avatar's mood."""
+        return "ok"
+
+    model = lk_openai.LLM(
+        model=MODEL,
+        base_url=tool_server.base_url + "/v1",
+        api_key=TEST_API_KEY,
+        max_completion_tokens=300,
+        parallel_tool_calls=False,  # one call, then the end: a random model would go on
+    )
+    ctx = llm.ChatContext.empty()
+    ctx.add_message(role="system", content="You are a friendly avatar.")
+    ctx.add_message(role="user", content="Hello!")
+
+    async def run(**kwargs: Any) -> tuple[str, list[llm.FunctionToolCall], Any]:
+        text, calls, usage = "", [], None
+        async with model.chat(chat_ctx=ctx, **kwargs) as stream:
+            async for chunk in stream:
+                if chunk.delta is not None:
+                    text += chunk.delta.content or ""
+                    calls += chunk.delta.tool_calls or []
+                if chunk.usage is not None:
+                    usage = chunk.usage
+        return text, calls, usage
+
+    text, calls, usage = await run(tools=[set_mood], tool_choice="none")
+    assert text and not calls and usage is not None and usage.completion_tokens > 0
+
+    text, calls, _ = await run(tools=[set_mood], tool_choice="required")
+    assert len(calls) >= 1
+    arguments = json.loads(calls[0].arguments)
+    assert calls[0].name == "set_mood" and arguments["mood"] in ("happy", "sad", "calm")
+    assert isinstance(arguments["note"], str)
+
+    # The agent runs the tool and sends the call and its result back, in LiveKit's own shape.
+    ctx.insert(
+        llm.FunctionCall(call_id=calls[0].call_id, name=calls[0].name, arguments=calls[0].arguments)
+    )
+    ctx.insert(
+        llm.FunctionCallOutput(
+            call_id=calls[0].call_id, name=calls[0].name, output="ok", is_error=False
+        )
+    )
+    text, calls, usage = await run(tools=[set_mood], tool_choice="none")
+    assert text and not calls
+    assert usage is not None and usage.prompt_cached_tokens > 0
+
+
+@pytest.fixture(scope="module")
+def reasoning_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log_path = tmp_path_factory.mktemp("reasoning") / "server.log"
+    with running_server(log_path, "--reasoning-parser", "deepseek_r1") as srv:
+        yield srv
+
+
+async def test_thoughts_are_never_spoken(reasoning_server: ServerProcess) -> None:
+    """DeepSeek-R1 style: the answer thinks until </think>. With </think> banned (logit_bias)
+    every token is a thought, so nothing may reach `content`, nor the TTFT clock; with thinking
+    switched off in the template the same model speaks."""
+    client = AsyncOpenAI(base_url=reasoning_server.base_url + "/v1", api_key="-", max_retries=0)
+    from transformers import AutoTokenizer
+
+    from tests.support import DEMO_MODEL_DIR, metric_value
+
+    end_think = AutoTokenizer.from_pretrained(str(DEMO_MODEL_DIR)).convert_tokens_to_ids("</think>")
+
+    def ttft_count() -> float:
+        text = reasoning_server.metrics()
+        return metric_value(text, "avatar_time_to_first_token_seconds_count")
+
+    before = ttft_count()
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=USER,  # type: ignore[arg-type]
+        stream=True,
+        max_completion_tokens=12,
+        logit_bias={str(end_think): -100},
+        extra_body={"ignore_eos": True},
+    )
+    deltas = [c.choices[0].delta for c in [c async for c in stream] if c.choices]
+    thoughts = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    assert thoughts and not any(d.content for d in deltas)
+    assert ttft_count() == before, "thoughts do not start the time to first token"
+
+    resp = await client.chat.completions.create(
+        model=MODEL,
+        messages=USER,  # type: ignore[arg-type]
+        max_completion_tokens=12,
+        extra_body={"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": False}},
+    )
+    message = resp.choices[0].message
+    assert message.content and not getattr(message, "reasoning_content", None)
+    assert ttft_count() == before + 1
