@@ -52,9 +52,6 @@ class _FrontEndSpec:
     settings: Settings
     ready: Any  # multiprocessing RawArray of N bytes: 1 while front end i serves
     engine_alive: Any  # RawArray of 1 byte: set to 0 by the parent when the engine core dies
-    # APIServerProcessManager reads this attribute of its ``args``; None: vLLM's shared
-    # admission counters stay off (we split our own limits instead).
-    max_num_queued_reqs: None = None
 
 
 def split_limit(total: int, count: int, index: int) -> int:

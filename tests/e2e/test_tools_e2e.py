@@ -19,6 +19,7 @@ from openai import AsyncOpenAI
 from pydantic import Field
 
 from tests.support import MODEL, TEST_API_KEY, ServerProcess, running_server
+from tests.unit.agents import TOOL_HISTORY
 
 MOOD = {
     "type": "object",
@@ -42,22 +43,6 @@ TOOLS = [
 SCHEMAS = {"set_mood": MOOD, "wave": WAVE}
 NAMED = {"type": "function", "function": {"name": "set_mood"}}
 USER = [{"role": "user", "content": "Hello! How are you today?"}]
-HISTORY = [
-    {"role": "system", "content": "You are a friendly museum guide."},
-    {"role": "user", "content": "What is the weather in Paris?"},
-    {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {
-                "id": "call_1",
-                "type": "function",
-                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-            }
-        ],
-    },
-    {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 24 degrees."},
-]
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +183,7 @@ async def test_tool_history_and_the_prefix_cache(tool_server: ServerProcess) -> 
     for _ in range(2):
         resp = await sdk(tool_server).chat.completions.create(
             model=MODEL,
-            messages=HISTORY,  # type: ignore[arg-type]
+            messages=TOOL_HISTORY,  # type: ignore[arg-type]
             tools=[*TOOLS, {"type": "function", "function": {"name": "get_weather"}}],  # type: ignore[list-item]
             max_completion_tokens=8,
             extra_body={"ignore_eos": True},

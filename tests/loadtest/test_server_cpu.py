@@ -35,6 +35,7 @@ from loadtest.cpu import (
     us_per_token,
 )
 from loadtest.report import format_table
+from tests.support import wait_until
 
 DATA = Path(__file__).parent / "data"
 
@@ -121,15 +122,6 @@ def dummy_server() -> Iterator[subprocess.Popen[bytes]]:
         proc.wait()
 
 
-def _poll(check: Any, timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if (got := check()) is not None:
-            return got
-        time.sleep(0.05)
-    raise AssertionError("condition not met before the deadline")
-
-
 def test_process_tree_splits_real_processes_by_title(
     dummy_server: subprocess.Popen[bytes],
 ) -> None:
@@ -138,13 +130,13 @@ def test_process_tree_splits_real_processes_by_title(
         titles = tree.read().titles()
         return tree if titles[ENGINE] == ["VLLM::EngineCore", "VLLM::Worker"] else None
 
-    tree = _poll(titled)
+    tree = wait_until(titled, 60, what="the dummy tree's titles")
     reading = tree.read()
     assert reading.counts() == {FRONT_END: 1, ENGINE: 2}
     assert "python" in reading.titles()[FRONT_END][0]
 
     # The worker's 0.6 s of CPU lands on the engine side, not on the front end.
-    done = _poll(lambda: r if (r := tree.read()).engine_s >= 0.6 else None)
+    done = wait_until(lambda: r if (r := tree.read()).engine_s >= 0.6 else None, 60)
     assert done.front_end_s < 0.5  # the root only started an interpreter and waits
     assert done.total_s == pytest.approx(done.front_end_s + done.engine_s)
 
@@ -163,11 +155,12 @@ def test_sampler_interpolates_on_the_clock_children_use(
     )
     assert t0 <= float(out.stdout) <= time.monotonic()
 
-    tree = _poll(
-        lambda: t if (t := ProcessTree(dummy_server.pid)).read().counts()[ENGINE] == 2 else None
+    tree = wait_until(
+        lambda: t if (t := ProcessTree(dummy_server.pid)).read().counts()[ENGINE] == 2 else None,
+        60,
     )
     with CpuSampler(tree, interval_s=0.01) as sampler:
-        _poll(lambda: True if tree.read().engine_s >= 0.6 else None)
+        wait_until(lambda: tree.read().engine_s >= 0.6, 60)
     fe0, en0 = sampler.at(sampler.times[0])
     fe1, en1 = sampler.at(sampler.times[-1])
     assert en1 >= 0.6 and en1 >= en0 and fe1 >= fe0

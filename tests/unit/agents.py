@@ -25,6 +25,24 @@ TIME = {
     "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
 }
 
+# The history an agent resends: a call (content null) and its result.
+TOOL_HISTORY = [
+    {"role": "system", "content": "You are a guide."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 24 C."},
+]
+
 
 def demo_tokenizer(folder: Path) -> Any:
     """The demo model's tokenizer (the markers of tool calls and thinking are one token each)."""

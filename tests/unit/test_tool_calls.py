@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 
 from serve.app import create_app
 from serve.engine.fake import FakeEngine
-from tests.unit.agents import TIME, WEATHER, deltas, demo_tokenizer, sse_chunks
+from tests.unit.agents import TIME, TOOL_HISTORY, WEATHER, deltas, demo_tokenizer, sse_chunks
 from tests.unit.conftest import chat_body, make_settings, open_client
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -266,27 +266,12 @@ async def test_thinking_switch_reaches_the_template(thinking: Callable[..., Any]
 
 # -- the history an agent resends -----------------------------------------------------------
 
-HISTORY = [
-    {"role": "system", "content": "You are a guide."},
-    {"role": "user", "content": "Weather in Paris?"},
-    {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {
-                "id": "call_1",
-                "type": "function",
-                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-            }
-        ],
-    },
-    {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 24 C."},
-]
-
 
 async def test_tool_history_is_accepted(client: httpx.AsyncClient, engine: FakeEngine) -> None:
     engine.script = ["It is sunny."]
-    r = await client.post("/v1/chat/completions", json=tool_body(messages=HISTORY, stream=False))
+    r = await client.post(
+        "/v1/chat/completions", json=tool_body(messages=TOOL_HISTORY, stream=False)
+    )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "It is sunny."
     rendered = engine.rendered[-1]
