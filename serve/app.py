@@ -19,11 +19,12 @@ from starlette.types import ASGIApp
 
 from serve import __version__
 from serve.admission import Admission
-from serve.api import generation, ops
+from serve.api import adapters, generation, ops
 from serve.api.auth import BearerAuth
 from serve.api.errors import install_error_handlers
 from serve.api.middleware import RequestGuard
 from serve.engine.base import Engine
+from serve.personas import Personas
 from serve.service import GenerationService
 from serve.settings import Settings
 from serve.telemetry import Metrics
@@ -47,9 +48,11 @@ def create_app(
     ``/ready`` fails until it does.
     """
     metrics = metrics if metrics is not None else Metrics()
+    personas = Personas(engine, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await personas.start()  # --lora-modules: a persona that cannot load fails the start
         watch = asyncio.create_task(_watch_engine(engine, on_engine_dead))
         refresh = asyncio.create_task(_refresh_metrics(metrics)) if metrics.multiprocess else None
         try:
@@ -75,13 +78,15 @@ def create_app(
     app.state.engine = engine
     app.state.admission = admission
     app.state.auth = BearerAuth(settings.api_key)
-    app.state.service = GenerationService(engine, settings, admission)
+    app.state.personas = personas
+    app.state.service = GenerationService(engine, settings, admission, personas)
     app.state.metrics = metrics
     app.state.peers_ready = peers_ready
     metrics.bind_engine(engine)
 
     app.include_router(generation.router)
     app.include_router(ops.router)
+    app.include_router(adapters.router)
     install_error_handlers(app, metrics)
     app.guard = partial(
         RequestGuard,

@@ -16,16 +16,20 @@ import dataclasses
 import os
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from serve.demo_model import DEMO_MODEL_NAME as DEMO_SERVED_NAME
 from serve.settings import (
+    DEFAULT_DEMO_DIR,
     ENV_PREFIX,
     PASSTHROUGH_ENV_PREFIXES,
     PASSTHROUGH_ENV_VARS,
+    LoRAModule,
     Settings,
+    demo_personas_dir,
     frontend_env_vars,
 )
 
@@ -137,6 +141,8 @@ def _convert(action: argparse.Action, raw: str) -> Any:
     if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:
         return parse_bool(raw)
     convert = action.type if callable(action.type) else (lambda v: v)
+    if action.nargs in ("+", "*") and raw.lstrip().startswith(("[", "{")):
+        return [raw]  # JSON (--lora-modules): its commas are not separators
     if action.nargs in ("+", "*"):
         return [convert(v.strip()) for v in raw.split(",") if v.strip()]
     value = convert(raw)
@@ -171,12 +177,36 @@ def parse_settings(
     values = vars(args)
     engine_args = {k: v for k, v in values.items() if k in engine_dests}
     frontend = {k: v for k, v in values.items() if k not in engine_dests}
+    _persona_defaults(parser, frontend, engine_args, environ)
     try:
         settings = Settings(**frontend, engine_args=engine_args)
     except ValidationError as exc:
         parser.error(_describe(exc))
     _check_chat_flags(parser, settings)
     return settings
+
+
+def _persona_defaults(
+    parser: argparse.ArgumentParser,
+    frontend: dict[str, Any],
+    engine_args: dict[str, Any],
+    environ: Mapping[str, str],
+) -> None:
+    """vLLM's switch for runtime adapter loads, and what ``--demo-personas`` implies."""
+    if "allow_runtime_lora_updating" not in frontend:
+        vllm_switch = environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower()
+        if vllm_switch in ("1", "true"):  # vLLM's own reading of it
+            frontend["allow_runtime_lora_updating"] = True
+    if not frontend.get("demo_personas"):
+        return
+    if engine_args.get("model"):
+        parser.error("--demo-personas serves the demo model's personas: drop --model")
+    engine_args["enable_lora"] = True
+    if frontend.get("lora_adapter_root") is None:
+        demo_dir = Path(frontend.get("demo_model_dir") or DEFAULT_DEMO_DIR).expanduser()
+        root = demo_personas_dir(demo_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        frontend["lora_adapter_root"] = root
 
 
 def _check_chat_flags(parser: argparse.ArgumentParser, settings: Settings) -> None:
@@ -216,6 +246,16 @@ def _describe(exc: ValidationError) -> str:
     return "invalid settings: " + "; ".join(parts)
 
 
+def _add_demo_personas(settings: Settings, model_dir: Path) -> None:
+    from serve.demo_personas import ensure_demo_personas
+
+    root = settings.lora_adapter_root or demo_personas_dir(settings.demo_model_dir)
+    taken = {m.name for m in settings.lora_modules}
+    for name, folder in ensure_demo_personas(model_dir, root).items():
+        if name not in taken:
+            settings.lora_modules.append(LoRAModule(name=name, path=str(folder)))
+
+
 def finalize_engine_args(
     settings: Settings, environ: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
@@ -237,6 +277,8 @@ def finalize_engine_args(
         args["model"] = str(demo_model.ensure_built(settings.demo_model_dir))
         if not args.get("served_model_name"):
             args["served_model_name"] = [DEMO_SERVED_NAME]
+        if settings.demo_personas:
+            _add_demo_personas(settings, Path(args["model"]))
     is_cpu = current_platform.is_cpu()
     if args.get("enforce_eager") is None:
         args["enforce_eager"] = is_cpu

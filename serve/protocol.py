@@ -190,3 +190,17 @@ class CompletionRequest(SamplingFields):
     def requested_max_tokens(self) -> int | None:
         # The legacy completions API defaults to 16 tokens when max_tokens is absent.
         return self.max_tokens if self.max_tokens is not None else 16
+
+
+class LoadAdapterRequest(_Request):
+    """``POST /v1/load_lora_adapter``, vLLM's body: a persona's name and its adapter folder."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False  # replace a persona already loaded under this name
+
+
+class UnloadAdapterRequest(_Request):
+    """``POST /v1/unload_lora_adapter``, vLLM's body (its ``lora_int_id`` is ignored)."""
+
+    lora_name: str

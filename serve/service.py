@@ -27,6 +27,7 @@ from starlette.responses import Response
 from serve.admission import Admission
 from serve.chat import chat_turn, engine_messages, structured_output
 from serve.engine.base import (
+    Adapter,
     ChatConfig,
     ChatTurn,
     Delta,
@@ -35,7 +36,8 @@ from serve.engine.base import (
     StructuredOutput,
     ToolCallDelta,
 )
-from serve.errors import aborted, invalid_request, model_not_found, to_api_error
+from serve.errors import aborted, invalid_request, to_api_error
+from serve.personas import Personas
 from serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from serve.settings import Settings
 from serve.streaming import DONE_FRAME, ChunkFormat, SSEResponse, error_frame
@@ -55,14 +57,17 @@ class Prepared:
     include_usage: bool
     format: ChunkFormat
     turn: ChatTurn | None = None  # chat only
+    adapter: Adapter | None = None  # the persona answering; None for the base model
     parsed: bool = False  # the engine splits the answer into text, reasoning and tool calls
 
 
 class GenerationService:
-    def __init__(self, engine: Engine, settings: Settings, admission: Admission) -> None:
+    def __init__(
+        self, engine: Engine, settings: Settings, admission: Admission, personas: Personas
+    ) -> None:
         self._engine = engine
         self._admission = admission
-        self._model_names = frozenset(settings.served_model_names)
+        self._personas = personas
         self._max_stop = settings.max_stop_sequences
         self._log_prompts = settings.log_prompts
         self._chat = ChatConfig(
@@ -80,7 +85,7 @@ class GenerationService:
         self, req: ChatCompletionRequest, record: RequestRecord, request_id: str
     ) -> Prepared:
         record.parsed = time.perf_counter()
-        self._check_common(req, record)
+        adapter = self._check_common(req, record)
         messages = engine_messages(req.messages)
         turn = chat_turn(req, self._chat)
         structured = structured_output(req)
@@ -92,6 +97,7 @@ class GenerationService:
         if self._log_prompts:
             record.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
         p = self._prepared(req, record, request_id, prompt_ids, "chatcmpl-", structured)
+        p.adapter = adapter
         p.turn = turn
         p.parsed = self._engine.parses(turn)
         return p
@@ -110,7 +116,7 @@ class GenerationService:
         self, req: CompletionRequest, record: RequestRecord, request_id: str
     ) -> Prepared:
         record.parsed = time.perf_counter()
-        self._check_common(req, record)
+        adapter = self._check_common(req, record)
         if req.echo:
             raise invalid_request("`echo` is not supported.", param="echo")
         prompt = req.prompt
@@ -129,7 +135,9 @@ class GenerationService:
         record.tokenized = time.perf_counter()
         if not prompt_ids:
             raise invalid_request("The prompt is empty.", param="prompt")
-        return self._prepared(req, record, request_id, prompt_ids, "cmpl-", None)
+        p = self._prepared(req, record, request_id, prompt_ids, "cmpl-", None)
+        p.adapter = adapter
+        return p
 
     def _check_token_ids(self, ids: list[int]) -> None:
         vocab = self._engine.vocab_size
@@ -141,10 +149,11 @@ class GenerationService:
                 code="invalid_value",
             )
 
-    def _check_common(self, req: SamplingFields, record: RequestRecord) -> None:
+    def _check_common(self, req: SamplingFields, record: RequestRecord) -> Adapter | None:
+        """Checks every generation request shares; returns the persona ``model`` names."""
+        adapter = self._personas.resolve(req.model)  # 404 for a name nobody serves
         record.model = req.model
-        if req.model not in self._model_names:
-            raise model_not_found(req.model)
+        record.model_label = self._personas.label(req.model)
         if req.n != 1:
             raise invalid_request("`n` must be 1: one choice per request.", param="n")
         stops = req.stop_list()
@@ -162,6 +171,7 @@ class GenerationService:
                     param="logit_bias",
                     code="invalid_value",
                 )
+        return adapter
 
     def _prepared(
         self,
@@ -228,7 +238,7 @@ class GenerationService:
         record.queued = time.perf_counter()
         await self._admission.acquire()
         record.admitted = time.perf_counter()
-        stream = self._engine.generate(p.prompt_ids, p.options, p.request_id, p.turn)
+        stream = self._engine.generate(p.prompt_ids, p.options, p.request_id, p.turn, p.adapter)
         closed = False
 
         async def close() -> None:

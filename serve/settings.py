@@ -9,6 +9,7 @@ environment. This module imports nothing else of the server.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,33 @@ PASSTHROUGH_ENV_VARS = frozenset(
 )
 # vLLM reads any VLLM_* variable (for example VLLM_CPU_KVCACHE_SPACE, VLLM_LOGGING_LEVEL).
 PASSTHROUGH_ENV_PREFIXES = ("VLLM_",)
+
+
+class LoRAModule(BaseModel):
+    """One persona served from the start: an adapter's name, its folder, and the served base
+    model it belongs to (vLLM's ``--lora-modules`` entry; None means the first served name)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    base_model_name: str | None = None
+
+    @classmethod
+    def parse(cls, item: Any) -> list[LoRAModule]:
+        """vLLM's forms: ``name=path``, a JSON object, and (environment only) a JSON array."""
+        if isinstance(item, LoRAModule):
+            return [item]
+        if isinstance(item, dict):
+            return [cls(**item)]
+        text = str(item).strip()
+        if text.startswith(("{", "[")):
+            value = json.loads(text)
+            return [cls(**v) for v in (value if isinstance(value, list) else [value])]
+        name, sep, path = text.partition("=")
+        if not sep:
+            raise ValueError(f"{text!r} is neither name=path nor JSON")
+        return [cls(name=name.strip(), path=path.strip())]
 
 
 class Settings(BaseModel):
@@ -121,6 +149,34 @@ class Settings(BaseModel):
         description="A Python file that registers more tool-call parsers (vLLM's "
         "--tool-parser-plugin).",
     )
+    lora_modules: list[LoRAModule] = Field(
+        default_factory=list,
+        description="Personas served from the start (vLLM's --lora-modules): name=path, or "
+        'JSON {"name", "path", "base_model_name"}; env: comma-separated name=path, or a JSON '
+        "array. A request's `model` picks one. Needs --enable-lora.",
+    )
+    lora_adapter_root: Path | None = Field(
+        None,
+        description="The folder runtime adapter loads must come from: a lora_path outside it "
+        "(symbolic links resolved) is refused.",
+    )
+    allow_runtime_lora_updating: bool = Field(
+        False,
+        description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter, behind the "
+        "API key (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING=true also turns it on). Needs "
+        "--enable-lora and --lora-adapter-root.",
+    )
+    demo_personas: bool = Field(
+        False,
+        description="With the demo model, also serve two demo personas (demo-tutor, "
+        "demo-guide), adapters built offline beside it.",
+    )
+    max_model_labels: int = Field(
+        64,
+        ge=1,
+        description="Distinct `model` label values the metrics keep (base and personas); later "
+        "personas are counted under `other`, so many adapters cannot multiply the series.",
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM AsyncEngineArgs fields; filled from the engine flags by serve.cli.",
@@ -140,6 +196,55 @@ class Settings(BaseModel):
         if any(not k.strip() for k in value):
             raise ValueError("API keys must not be blank")
         return value
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _parse_lora_modules(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        items = value if isinstance(value, list) else [value]
+        return [module for item in items for module in LoRAModule.parse(item)]
+
+    @model_validator(mode="after")
+    def _personas_need_lora(self) -> Settings:
+        wanted = self.lora_modules or self.allow_runtime_lora_updating or self.demo_personas
+        if wanted and not self.engine_args.get("enable_lora"):
+            raise ValueError(
+                "personas (--lora-modules, --allow-runtime-lora-updating) need --enable-lora"
+            )
+        names = [m.name for m in self.lora_modules]
+        if len(set(names)) != len(names):
+            raise ValueError("--lora-modules names must be unique")
+        clash = set(names) & set(self.served_model_names)
+        if clash and self.engine_args.get("model"):
+            raise ValueError(f"--lora-modules {sorted(clash)} clash with a served model name")
+        for module in self.lora_modules:
+            base = module.base_model_name
+            known = base is None or base in self.served_model_names
+            if not known and self.engine_args.get("model"):
+                raise ValueError(
+                    f"--lora-modules {module.name}: base_model_name {base!r} is not a "
+                    f"served model name ({', '.join(self.served_model_names)})"
+                )
+        if self.allow_runtime_lora_updating:
+            if self.lora_adapter_root is None:
+                raise ValueError(
+                    "--allow-runtime-lora-updating needs --lora-adapter-root, the folder "
+                    "adapters may be loaded from"
+                )
+            if not self.api_key:
+                raise ValueError(
+                    "--allow-runtime-lora-updating needs --api-key: adapter loads are always "
+                    "behind the key"
+                )
+            if self.api_server_count > 1:
+                raise ValueError(
+                    "--allow-runtime-lora-updating works with one front-end process: each "
+                    "process keeps its own list of personas (vLLM's rule too)"
+                )
+        if self.lora_adapter_root is not None and not self.lora_adapter_root.is_dir():
+            raise ValueError(f"--lora-adapter-root {self.lora_adapter_root} is not a folder")
+        return self
 
     @model_validator(mode="after")
     def _queue_within_duration(self) -> Settings:
@@ -166,6 +271,11 @@ class Settings(BaseModel):
         if names:
             return list(names)
         return [str(self.engine_args.get("model", "model"))]
+
+
+def demo_personas_dir(demo_model_dir: Path) -> Path:
+    """Where ``--demo-personas`` builds its adapters: beside the demo model."""
+    return demo_model_dir.with_name(demo_model_dir.name + "-personas")
 
 
 def frontend_env_vars() -> set[str]:

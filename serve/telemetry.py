@@ -305,8 +305,9 @@ class RequestRecord:
     """One request's timeline, kept by the service on the stack of that request (never shared)."""
 
     endpoint: str
-    model: str
+    model: str  # the served name the request asked for (base or persona), for the log
     arrival: float
+    model_label: str = ""  # the metrics' bounded label of ``model`` (see Personas.label)
     # Stamps on the way to the first token (perf_counter), in order; see ``ttft_stages``.
     body_read: float | None = None
     parsed: float | None = None
@@ -396,7 +397,7 @@ class RequestRecord:
     def finish(self, metrics: Metrics, now: float | None = None) -> None:
         now = time.perf_counter() if now is None else now
         reason = self.finish_reason or "error"
-        labels = (self.endpoint, self.model, reason)
+        labels = (self.endpoint, self.model_label, reason)
         if self.first_token is not None:
             metrics.ttft.labels(*labels).observe(self.first_token - self.arrival)
             for stage, seconds in self.ttft_stages():
@@ -412,7 +413,7 @@ class RequestRecord:
         if self.queued is not None:
             # A request refused after waiting (queue timeout, client gone) waited too.
             waited = (self.admitted or now) - self.queued
-            metrics.queue_wait.labels(self.endpoint, self.model).observe(waited)
+            metrics.queue_wait.labels(self.endpoint, self.model_label).observe(waited)
         if self.admitted is not None:
             metrics.prompt_tokens_hist.labels(*labels).observe(self.prompt_tokens)
             metrics.output_tokens_hist.labels(*labels).observe(self.output_tokens)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
@@ -13,18 +11,13 @@ from serve.errors import unavailable
 from serve.telemetry import render_latest
 
 router = APIRouter()
-_CREATED = int(time.time())
 
 
 @router.get("/v1/models")
 @router.get("/models")
 async def list_models(request: Request, _: Authenticated) -> JSONResponse:
-    names = request.app.state.settings.served_model_names
-    data = [
-        {"id": name, "object": "model", "created": _CREATED, "owned_by": "avatar-llm-serve"}
-        for name in names
-    ]
-    return JSONResponse({"object": "list", "data": data})
+    """The base model, then its personas (LoRA adapters) with ``parent`` naming the base."""
+    return JSONResponse({"object": "list", "data": request.app.state.personas.cards()})
 
 
 @router.get("/health")

@@ -91,6 +91,19 @@ class ToolCallDelta:
     arguments: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Adapter:
+    """A LoRA adapter the engine applies to one request: a persona over the base model.
+
+    ``id`` is the engine's key for the loaded weights; a new load of a name gets a new id, so a
+    request in flight keeps the weights it started with while the name moves on.
+    """
+
+    name: str
+    path: str
+    id: int
+
+
 @dataclass(slots=True)
 class Delta:
     """What one engine step added to one request: new text, never the text so far.
@@ -193,12 +206,29 @@ class Engine(Protocol):
         options: SamplingOptions,
         request_id: str,
         turn: ChatTurn | None = None,
+        adapter: Adapter | None = None,
     ) -> AsyncGenerator[Delta, None]:
         """Stream deltas for one request. Closing the generator early aborts the request.
+
+        ``adapter``: the persona to answer as (loaded with ``load_adapter``); None, the base.
 
         ``turn`` is the chat request's tools and settings (None for a text completion): tool
         choices that force a call are guided by the tools' schemas, and the answer is parsed
         when ``parses(turn)``. A refused input raises ``EngineInputError`` before the first delta.
+        """
+        ...
+
+    @property
+    def max_adapter_rank(self) -> int | None:
+        """The largest LoRA rank the engine holds; None when it serves no adapters."""
+        ...
+
+    async def load_adapter(self, adapter: Adapter) -> None:
+        """Load an adapter's weights so requests may use it at once.
+
+        A folder the engine cannot use (missing, unreadable, a rank above ``max_adapter_rank``,
+        weights shaped for another model) raises ``EngineInputError`` with a public message;
+        the engine keeps serving.
         """
         ...
 

@@ -12,11 +12,14 @@ reasoning parsers (``vllm_agents``, imported only then), as the real engine pars
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from serve.engine.base import (
+    Adapter,
     ChatConfig,
     ChatTurn,
     Delta,
@@ -37,6 +40,7 @@ class FakeEngine:
         *,
         tokenizer: Any = None,
         reasoning_parser: str | None = None,
+        adapter_rank: int | None = None,
     ) -> None:
         self._max_model_len = max_model_len
         self._vocab_size = vocab_size
@@ -49,6 +53,11 @@ class FakeEngine:
         self.rendered: list[list[dict[str, Any]]] = []
         self.turns: list[ChatTurn | None] = []  # the turn of each generate() call
         self.script: list[str] | None = None  # the reply's text chunks, when set
+        # Adapters: None serves none; else the largest rank, and the loads and uses seen.
+        self._adapter_rank = adapter_rank
+        self.loaded: list[Adapter] = []
+        self.adapters: list[Adapter | None] = []  # the adapter of each generate() call
+        self.load_gate: asyncio.Event | None = None  # holds load_adapter() until set
         self._tokenizer = tokenizer
         self._chat: Any = None
         if tokenizer is not None:
@@ -91,15 +100,42 @@ class FakeEngine:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return [min(len(word), self._vocab_size - 1) for word in text.split()]
 
+    @property
+    def max_adapter_rank(self) -> int | None:
+        return self._adapter_rank
+
+    async def load_adapter(self, adapter: Adapter) -> None:
+        """Checks what vLLM checks first: the folder, its config, the rank."""
+        if self._adapter_rank is None:
+            raise EngineInputError("The engine serves no adapters.")
+        if self.load_gate is not None:
+            await self.load_gate.wait()
+        config = Path(adapter.path) / "adapter_config.json"
+        try:
+            rank = int(json.loads(config.read_text())["r"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EngineInputError(
+                f"No adapter found for {adapter.path}: {exc}", param="lora_path", public=True
+            ) from exc
+        if rank > self._adapter_rank:
+            raise EngineInputError(
+                f"LoRA rank {rank} is greater than max_lora_rank {self._adapter_rank}",
+                param="lora_path",
+                public=True,
+            )
+        self.loaded.append(adapter)
+
     async def generate(
         self,
         prompt_token_ids: list[int],
         options: SamplingOptions,
         request_id: str,
         turn: ChatTurn | None = None,
+        adapter: Adapter | None = None,
     ) -> AsyncGenerator[Delta, None]:
         if not self._alive:
             raise EngineDeadError("the engine is not running")
+        self.adapters.append(adapter)
         if any(not 0 <= t < self._vocab_size for t in prompt_token_ids):
             raise EngineInputError("Token id out of vocabulary", param="prompt", public=True)
         self.seen.append((request_id, list(prompt_token_ids), options))

@@ -18,6 +18,7 @@ from vllm import SamplingParams
 from vllm.config import VllmConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMValidationError
+from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -25,6 +26,7 @@ from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from serve.engine.base import (
+    Adapter,
     ChatConfig,
     ChatTurn,
     Delta,
@@ -155,12 +157,35 @@ class VllmEngine:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
+    @property
+    def max_adapter_rank(self) -> int | None:
+        lora = self._llm.vllm_config.lora_config
+        return int(lora.max_lora_rank) if lora is not None else None
+
+    async def load_adapter(self, adapter: Adapter) -> None:
+        if self.max_adapter_rank is None:
+            raise EngineInputError("The engine serves no adapters (start it with --enable-lora).")
+        try:
+            # The engine core's workers read and check the files, between two engine steps.
+            await self._llm.add_lora(_lora_request(adapter))
+        except VllmEngineDeadError as exc:
+            raise EngineDeadError("the engine is not running") from exc
+        except Exception as exc:
+            if self._llm.errored:
+                raise EngineDeadError("the engine is not running") from exc
+            raise EngineInputError(
+                f"The adapter `{adapter.name}` cannot be loaded: {_worker_error(exc)}",
+                param="lora_path",
+                public=True,
+            ) from exc
+
     async def generate(
         self,
         prompt_token_ids: list[int],
         options: SamplingOptions,
         request_id: str,
         turn: ChatTurn | None = None,
+        adapter: Adapter | None = None,
     ) -> AsyncGenerator[Delta, None]:
         first = True
         stream = None
@@ -173,6 +198,7 @@ class VllmEngine:
                 {"prompt_token_ids": prompt_token_ids},
                 params,
                 request_id,
+                lora_request=_lora_request(adapter) if adapter is not None else None,
                 reasoning_ended=parser.reasoning_ended if parser is not None else None,
             )
             async for out in stream:
@@ -240,6 +266,21 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _lora_request(adapter: Adapter) -> LoRARequest:
+    return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.id, lora_path=adapter.path)
+
+
+def _worker_error(exc: Exception) -> str:
+    """The worker's own reason from vLLM's wrapper ("Call to add_lora method failed: Worker
+    failed with error '<reason>', please check the stack trace above ..."), else the message."""
+    text = str(exc)
+    start = text.find("error '")
+    end = text.rfind("', please")
+    if start != -1 and end > start:
+        text = text[start + len("error '") : end]
+    return text.rstrip(".")
 
 
 def _engine_times(stats: Any) -> tuple[float, float, float] | None:

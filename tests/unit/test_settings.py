@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from serve.cli import known_cli_flags, known_env_vars, parse_settings
@@ -123,3 +125,83 @@ def test_known_names_cover_frontend_and_engine() -> None:
     for var in ("AVATAR_MODEL", "AVATAR_PORT", "AVATAR_API_KEY", "AVATAR_MAX_MODEL_LEN",
                 "AVATAR_DRAIN_TIMEOUT", "AVATAR_LOG_LEVEL", "HF_TOKEN"):  # fmt: skip
         assert var in env
+
+
+# -- personas (LoRA adapters) ---------------------------------------------------------------
+
+
+def test_vllm_lora_command_lines_keep_working(tmp_path: Path) -> None:
+    s = parse_settings(
+        ["--model", "/m", "--served-model-name", "base", "--enable-lora", "--max-loras", "4",
+         "--max-lora-rank", "16", "--max-cpu-loras", "8",
+         "--lora-modules", "tutor=/a/tutor",
+         '{"name": "guide", "path": "/a/guide", "base_model_name": "base"}'],
+        {},
+    )  # fmt: skip
+    e = s.engine_args
+    assert (e["enable_lora"], e["max_loras"], e["max_lora_rank"], e["max_cpu_loras"]) == (
+        True, 4, 16, 8,
+    )  # fmt: skip
+    assert [(m.name, m.path, m.base_model_name) for m in s.lora_modules] == [
+        ("tutor", "/a/tutor", None),
+        ("guide", "/a/guide", "base"),
+    ]
+
+
+def test_lora_modules_from_the_environment() -> None:
+    listed = parse_settings(["--enable-lora"], {"AVATAR_LORA_MODULES": "a=/x/a, b=/x/b"})
+    assert [(m.name, m.path) for m in listed.lora_modules] == [("a", "/x/a"), ("b", "/x/b")]
+    as_json = (
+        '[{"name": "a", "path": "/x/a"}, {"name": "b", "path": "/x/b", "base_model_name": null}]'
+    )
+    parsed = parse_settings(["--enable-lora"], {"AVATAR_LORA_MODULES": as_json})
+    assert [m.name for m in parsed.lora_modules] == ["a", "b"]
+
+
+def test_vllm_runtime_switch_is_read(tmp_path: Path) -> None:
+    argv = ["--enable-lora", "--api-key", "k", "--lora-adapter-root", str(tmp_path)]
+    assert parse_settings(
+        argv, {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    ).allow_runtime_lora_updating
+    assert not parse_settings(argv, {}).allow_runtime_lora_updating
+    flag_wins = parse_settings(
+        [*argv, "--no-allow-runtime-lora-updating"], {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    )
+    assert not flag_wins.allow_runtime_lora_updating
+
+
+_RUNTIME = ["--enable-lora", "--allow-runtime-lora-updating"]
+_ROOT = ["--lora-adapter-root", "{root}"]
+_GUIDE_OF_Z = '{"name": "a", "path": "/x", "base_model_name": "z"}'
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lora-modules", "a=/x"], "need --enable-lora"),
+        (["--enable-lora", "--lora-modules", "a"], "neither name=path nor JSON"),
+        (["--enable-lora", "--lora-modules", "a=/x", "a=/y"], "must be unique"),
+        (["--model", "/m", "--served-model-name", "b", "--enable-lora", "--lora-modules", "b=/x"],
+         "clash"),
+        (["--model", "/m", "--enable-lora", "--lora-modules", _GUIDE_OF_Z],
+         "is not a served model name"),
+        ([*_RUNTIME, "--api-key", "k"], "needs --lora-adapter-root"),
+        ([*_RUNTIME, *_ROOT], "needs --api-key"),
+        ([*_RUNTIME, *_ROOT, "--api-key", "k", "--api-server-count", "2"],
+         "one front-end process"),
+        (["--enable-lora", "--lora-adapter-root", "{root}/missing"], "is not a folder"),
+        (["--model", "/m", "--demo-personas"], "drop --model"),
+    ],
+)  # fmt: skip
+def test_persona_settings_fail_loudly(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings([a.replace("{root}", str(tmp_path)) for a in argv], {})
+    assert message in capsys.readouterr().err
+
+
+def test_demo_personas_turn_lora_on(tmp_path: Path) -> None:
+    s = parse_settings(["--demo-personas", "--demo-model-dir", str(tmp_path / "demo")], {})
+    assert s.engine_args["enable_lora"] is True
+    assert s.lora_adapter_root == tmp_path / "demo-personas"

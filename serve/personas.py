@@ -1,0 +1,168 @@
+"""The names a request's ``model`` may take: the served base model's, and its personas'.
+
+A persona is a LoRA adapter over the base model. Those named by ``--lora-modules`` load at
+start-up (a bad one fails the start); with ``--allow-runtime-lora-updating`` a key holder may
+load and unload more, from folders under ``--lora-adapter-root`` only.
+
+Each load gets a new engine id, so a request keeps the adapter it started with: unloading or
+reloading a name never disturbs a stream in flight; the engine's own LRU cache
+(``--max-cpu-loras``) frees weights no request uses. One ``Personas`` is shared by the
+requests of a process; it holds only the catalogue, never per-request state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from serve.engine.base import Adapter, Engine
+from serve.errors import APIError, invalid_request, model_not_found, to_api_error
+from serve.settings import LoRAModule, Settings
+
+log = logging.getLogger(__name__)
+OTHER_LABEL = "other"  # the metrics' model label once --max-model-labels names are taken
+
+
+class Personas:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self._engine = engine
+        self._base_names = list(settings.served_model_names)
+        self._static = [(m, Path(m.path).expanduser()) for m in settings.lora_modules]
+        root = settings.lora_adapter_root
+        self._root = root.expanduser().resolve() if root is not None else None
+        self.runtime_updates = settings.allow_runtime_lora_updating
+        self._adapters: dict[str, Adapter] = {}
+        self._parents: dict[str, str] = {}
+        self._created: dict[str, int] = {}
+        # Ids count from 1 in --lora-modules order, so every front-end process of one server
+        # (--api-server-count) gives a static persona the same id in the shared engine core.
+        self._ids = itertools.count(1)
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._labels: set[str] = set(self._base_names[: settings.max_model_labels])
+        self._max_labels = settings.max_model_labels
+        self._started = int(time.time())
+
+    async def start(self) -> None:
+        """Load the ``--lora-modules`` personas; any that cannot load stops the start-up."""
+        for module, folder in self._static:
+            try:
+                await self._load(module.name, folder, module)
+            except APIError as exc:
+                raise RuntimeError(f"--lora-modules {module.name}: {exc.message}") from exc
+            log.info("persona %s loaded from %s", module.name, module.path)
+
+    def resolve(self, name: str) -> Adapter | None:
+        """The adapter a request's ``model`` names (None for the base model); 404 if neither."""
+        adapter = self._adapters.get(name)
+        if adapter is None and name not in self._base_names:
+            raise model_not_found(name)
+        return adapter
+
+    def label(self, name: str) -> str:
+        """The metrics' ``model`` label of a served name: bounded by ``--max-model-labels``."""
+        if name in self._labels:
+            return name
+        if len(self._labels) < self._max_labels:
+            self._labels.add(name)
+            return name
+        return OTHER_LABEL
+
+    def cards(self) -> list[dict[str, Any]]:
+        """``/v1/models`` entries: base models, then personas with their ``parent``."""
+        cards = [_card(name, self._started, None) for name in self._base_names]
+        cards += [_card(name, self._created[name], self._parents[name]) for name in self._adapters]
+        return cards
+
+    # -- runtime updates (POST /v1/load_lora_adapter, /v1/unload_lora_adapter) -----------
+
+    async def load(self, name: str, path: str, *, inplace: bool = False) -> None:
+        self.check_runtime_updates()
+        if not name or not path:
+            raise invalid_request("Both `lora_name` and `lora_path` must be given.")
+        if name in self._base_names:
+            raise invalid_request(
+                f"The adapter name `{name}` is a served base model's name.", param="lora_name"
+            )
+        async with self._locks[name]:
+            if name in self._adapters and not inplace:
+                raise invalid_request(
+                    f"The adapter `{name}` is already loaded: unload it first, or set "
+                    "`load_inplace` to replace it.",
+                    param="lora_name",
+                    code="adapter_exists",
+                )
+            await self._load(name, self._under_root(path), None)
+        log.info("persona %s loaded at runtime from %s", name, path)
+
+    async def unload(self, name: str) -> None:
+        self.check_runtime_updates()
+        if not name:
+            raise invalid_request("`lora_name` must be given.", param="lora_name")
+        async with self._locks[name]:
+            if self._adapters.pop(name, None) is None:
+                raise APIError(
+                    404,
+                    f"The adapter `{name}` is not loaded.",
+                    param="lora_name",
+                    code="adapter_not_found",
+                )
+            self._parents.pop(name, None)
+            self._created.pop(name, None)
+        log.info("persona %s unloaded", name)
+
+    def check_runtime_updates(self) -> None:
+        if not self.runtime_updates:
+            raise APIError(
+                404,
+                "Runtime adapter loading is off: start the server with "
+                "--allow-runtime-lora-updating and --lora-adapter-root.",
+                code="not_found",
+            )
+
+    def _under_root(self, path: str) -> Path:
+        """The adapter folder ``path`` names, refused unless it lies under the root."""
+        assert self._root is not None  # settings require a root for runtime updates
+        given = Path(path).expanduser()
+        folder = (given if given.is_absolute() else self._root / given).resolve()
+        if not folder.is_relative_to(self._root):
+            raise invalid_request(
+                "`lora_path` must lie under the server's adapter root "
+                "(--lora-adapter-root); give it relative to that folder.",
+                param="lora_path",
+                code="path_outside_root",
+            )
+        if not folder.is_dir():
+            raise invalid_request(
+                f"No adapter folder at `{path}` under the adapter root.",
+                param="lora_path",
+                code="adapter_not_found",
+            )
+        return folder
+
+    async def _load(self, name: str, folder: Path, module: LoRAModule | None) -> None:
+        adapter = Adapter(name=name, path=str(folder), id=next(self._ids))
+        # The engine reads and checks the files; what it refuses becomes a 400 for the client.
+        try:
+            await self._engine.load_adapter(adapter)
+        except Exception as exc:
+            raise to_api_error(exc) from exc
+        self._adapters[name] = adapter
+        base = module.base_model_name if module is not None else None
+        self._parents[name] = base or self._base_names[0]
+        self._created[name] = int(time.time())
+
+
+def _card(name: str, created: int, parent: str | None) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "avatar-llm-serve",
+        "root": name if parent is None else parent,
+        "parent": parent,
+    }

@@ -1,0 +1,221 @@
+"""Personas on the real engine (vLLM's CPU build, demo model): LoRA adapters written by the test,
+selected by `model`, loaded and unloaded at runtime while other persona streams run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from serve import demo_model
+from serve.demo_personas import build_adapter
+from tests.support import (
+    DEMO_MODEL_DIR,
+    MODEL,
+    TEST_API_KEY,
+    ServerProcess,
+    metric_value,
+    running_server,
+    wait_until,
+)
+
+AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
+HELLO = [{"role": "user", "content": "Hello! Where is the museum?"}]
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = demo_model.ensure_built(DEMO_MODEL_DIR)
+    root = tmp_path_factory.mktemp("adapters")
+    for name, seed in {"tutor": 11, "guide": 12, "spare": 13}.items():
+        build_adapter(base, root / name, seed=seed)
+    build_adapter(base, root / "wide", seed=14, rank=16)  # above --max-lora-rank 8
+    corrupt = root / "corrupt"
+    shutil.copytree(root / "spare", corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{not a header")
+    shaped = json.loads((base / "config.json").read_text())
+    other_base = tmp_path_factory.mktemp("other-base")
+    (other_base / "config.json").write_text(json.dumps({**shaped, "hidden_size": 256}))
+    build_adapter(other_base, root / "other-base", seed=15)  # weights for a wider model
+    return root
+
+
+@pytest.fixture(scope="module")
+def persona_server(
+    tmp_path_factory: pytest.TempPathFactory, adapter_root: Path
+) -> Iterator[ServerProcess]:
+    log_path = tmp_path_factory.mktemp("personas") / "server.log"
+    with running_server(
+        log_path,
+        "--api-key", TEST_API_KEY,
+        "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8", "--max-cpu-loras", "4",
+        "--lora-modules", f"tutor={adapter_root / 'tutor'}",
+        json.dumps({"name": "guide", "path": str(adapter_root / "guide"),
+                    "base_model_name": MODEL}),
+        "--lora-adapter-root", str(adapter_root),
+        "--allow-runtime-lora-updating",
+    ) as srv:  # fmt: skip
+        yield srv
+
+
+def chat(srv: ServerProcess, model: str, **extra: Any) -> httpx.Response:
+    body = {"model": model, "messages": HELLO, "max_tokens": 16, "temperature": 0, **extra}
+    return httpx.post(f"{srv.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=120)
+
+
+def answer(srv: ServerProcess, model: str) -> str:
+    r = chat(srv, model, ignore_eos=True)
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def post(srv: ServerProcess, path: str, body: dict[str, Any], **kw: Any) -> httpx.Response:
+    return httpx.post(f"{srv.base_url}{path}", json=body, timeout=60, **kw)
+
+
+def test_models_lists_the_personas(persona_server: ServerProcess) -> None:
+    r = httpx.get(f"{persona_server.base_url}/v1/models", headers=AUTH, timeout=10)
+    cards = [(m["id"], m["parent"]) for m in r.json()["data"]]
+    assert cards == [(MODEL, None), ("tutor", MODEL), ("guide", MODEL)]
+
+
+def test_greedy_answers_differ_by_persona_and_are_stable(persona_server: ServerProcess) -> None:
+    first = {m: answer(persona_server, m) for m in (MODEL, "tutor", "guide")}
+    again = {m: answer(persona_server, m) for m in (MODEL, "tutor", "guide")}
+    assert first == again
+    assert len(set(first.values())) == 3, first
+
+
+def test_a_persona_streams(persona_server: ServerProcess) -> None:
+    r = chat(persona_server, "tutor", stream=True, ignore_eos=True)
+    frames = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+    assert r.text.rstrip().endswith("data: [DONE]")
+    assert {f["model"] for f in frames} == {"tutor"}
+    streamed = "".join(f["choices"][0]["delta"].get("content") or "" for f in frames)
+    assert streamed == answer(persona_server, "tutor")
+
+
+def test_an_unknown_persona_is_404(persona_server: ServerProcess) -> None:
+    r = chat(persona_server, "nobody")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_load_and_unload_at_runtime_behind_the_key(persona_server: ServerProcess) -> None:
+    load = {"lora_name": "spare", "lora_path": "spare"}
+    assert post(persona_server, "/v1/load_lora_adapter", load).status_code == 401
+    assert chat(persona_server, "spare").status_code == 404
+    r = post(persona_server, "/v1/load_lora_adapter", load, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert answer(persona_server, "spare") != answer(persona_server, MODEL)
+    unload = {"lora_name": "spare"}
+    assert post(persona_server, "/v1/unload_lora_adapter", unload).status_code == 401
+    assert chat(persona_server, "spare").status_code == 200
+    assert post(persona_server, "/v1/unload_lora_adapter", unload, headers=AUTH).status_code == 200
+    assert chat(persona_server, "spare").status_code == 404
+
+
+def test_a_path_outside_the_root_is_refused(
+    persona_server: ServerProcess, adapter_root: Path
+) -> None:
+    outside = adapter_root.parent / "outside-adapter"
+    if not outside.exists():
+        shutil.copytree(adapter_root / "spare", outside)
+    for path in (str(outside), "../outside-adapter"):
+        body = {"lora_name": "evil", "lora_path": path}
+        r = post(persona_server, "/v1/load_lora_adapter", body, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "path_outside_root", r.text
+    assert chat(persona_server, "evil").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("folder", "reason"),
+    [
+        ("corrupt", "header"),
+        ("wide", "greater than max_lora_rank 8"),
+        ("other-base", "must match"),
+        ("missing", "No adapter folder"),
+    ],
+)
+def test_a_bad_adapter_is_refused_and_the_server_serves_on(
+    persona_server: ServerProcess, folder: str, reason: str
+) -> None:
+    reference = answer(persona_server, "tutor")
+    body = {"lora_name": f"bad-{folder}", "lora_path": folder}
+    r = post(persona_server, "/v1/load_lora_adapter", body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "lora_path" and reason in error["message"], error
+    assert httpx.get(f"{persona_server.base_url}/health", timeout=10).status_code == 200
+    assert answer(persona_server, "tutor") == reference
+    assert chat(persona_server, f"bad-{folder}").status_code == 404
+
+
+def test_persona_streams_run_on_through_a_load_and_an_unload(
+    persona_server: ServerProcess,
+) -> None:
+    """Three streams (two personas and the base) are in flight when a new persona is loaded
+    and one of theirs is unloaded: every stream ends whole, with every token it asked for."""
+    tokens = 96  # long enough that the load and the unload land mid-stream
+    started: list[str] = []
+
+    def stream(model: str) -> tuple[str, dict[str, Any]]:
+        body = {
+            "model": model,
+            "messages": HELLO,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        lines = []
+        with httpx.stream(
+            "POST", f"{persona_server.base_url}/v1/chat/completions",
+            json=body, headers=AUTH, timeout=120,
+        ) as r:  # fmt: skip
+            for line in r.iter_lines():
+                if line.startswith("data: {") and not started.count(model):
+                    started.append(model)
+                if line:  # frames are separated by blank lines
+                    lines.append(line)
+        frames = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        return lines[-1] if lines else "", frames[-1]
+
+    models = ("tutor", "guide", MODEL)
+    with ThreadPoolExecutor(len(models)) as pool:
+        futures = [pool.submit(stream, m) for m in models]
+        wait_until(lambda: len(started) == len(models), 60, what="three streams under way")
+        load = {"lora_name": "late", "lora_path": "spare"}
+        loaded = post(persona_server, "/v1/load_lora_adapter", load, headers=AUTH)
+        unloaded = post(
+            persona_server, "/v1/unload_lora_adapter", {"lora_name": "guide"}, headers=AUTH
+        )
+        in_flight = sum(not f.done() for f in futures)
+        results = [f.result(timeout=120) for f in futures]
+    assert loaded.status_code == 200 and unloaded.status_code == 200
+    assert in_flight == len(models), "a stream ended before the load and unload were done"
+    for last, usage_frame in results:
+        assert last == "data: [DONE]"
+        assert usage_frame["usage"]["completion_tokens"] == tokens
+    assert chat(persona_server, "guide").status_code == 404
+    assert chat(persona_server, "late").status_code == 200
+    # Put the module's personas back as they were, for tests that run after this one.
+    back = {"lora_name": "guide", "lora_path": "guide"}
+    assert post(persona_server, "/v1/load_lora_adapter", back, headers=AUTH).status_code == 200
+
+
+def test_metrics_and_log_name_the_persona(persona_server: ServerProcess) -> None:
+    answer(persona_server, "tutor")
+    answer(persona_server, MODEL)
+    text = persona_server.metrics()
+    assert "vllm:lora_requests_info{" in text  # read by the inference gateway's LoRA affinity
+    count = "avatar_e2e_request_latency_seconds_count"
+    assert metric_value(text, count, model="tutor") >= 1
+    assert metric_value(text, count, model=MODEL) >= 1
+    assert '"model":"tutor"' in persona_server.log()
