@@ -7,10 +7,8 @@ Routes stay thin and call ``prepare_chat`` / ``prepare_completion`` then ``respo
 per-request state lives in ``Prepared`` and the request's ``RequestRecord``, never on the shared
 service object.
 
-A chat answer the engine parses (tools to call, a reasoning parser) is streamed by
-``_parsed_frames``: thoughts and tool calls get frames of their own, and only spoken content
-counts for time to first token and first sentence. Every other answer keeps ``_frames``, whose
-per-token work is what it was before tools existed.
+The answer itself is written by ``serve.answers``: frames of a stream or one JSON body, plain
+or parsed (tools to call, a reasoning parser).
 """
 
 from __future__ import annotations
@@ -18,47 +16,31 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.responses import Response
 
 from serve.admission import Admission
+from serve.answers import Prepared, collect_parsed, collect_plain, parsed_frames, plain_frames
 from serve.chat import chat_turn, engine_messages, structured_output
 from serve.engine.base import (
     Adapter,
     ChatConfig,
     ChatTurn,
-    Delta,
     Engine,
     SamplingOptions,
     StructuredOutput,
-    ToolCallDelta,
 )
-from serve.errors import aborted, invalid_request, to_api_error
+from serve.errors import invalid_request
 from serve.personas import Personas
 from serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from serve.settings import Settings
-from serve.streaming import DONE_FRAME, ChunkFormat, SSEResponse, error_frame
+from serve.streaming import ChunkFormat, SSEResponse
 from serve.telemetry import RequestRecord
 
 # Prompts larger than this are rendered and tokenized in a worker thread, so one long
 # conversation does not stall every other stream's next token.
 _OFFLOAD_CHARS = 16_384
-
-
-@dataclass(slots=True)
-class Prepared:
-    request_id: str
-    prompt_ids: list[int]
-    options: SamplingOptions
-    stream: bool
-    include_usage: bool
-    format: ChunkFormat
-    turn: ChatTurn | None = None  # chat only
-    adapter: Adapter | None = None  # the persona answering; None for the base model
-    parsed: bool = False  # the engine splits the answer into text, reasoning and tool calls
 
 
 class GenerationService:
@@ -192,7 +174,15 @@ class GenerationService:
             model=req.model,
         )
         options = _sampling_options(req, max_tokens, structured)
-        return Prepared(request_id, prompt_ids, options, req.stream, req.include_usage, fmt)
+        return Prepared(
+            request_id,
+            prompt_ids,
+            options,
+            req.stream,
+            req.include_usage,
+            fmt,
+            reasoning=self._engine.reasoning,
+        )
 
     def _fit_window(
         self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int, param: str
@@ -261,168 +251,14 @@ class GenerationService:
         if first.num_prompt_tokens is not None:
             record.prompt_tokens = first.num_prompt_tokens  # the engine's count is the truth
         if p.stream:
-            frames = self._parsed_frames if p.parsed else self._frames
+            frames = parsed_frames if p.parsed else plain_frames
             return SSEResponse(frames(p, first, stream, record), close)
         try:
-            collect = self._collect_parsed if p.parsed else self._collect
+            collect = collect_parsed if p.parsed else collect_plain
             body = await collect(p, first, stream, record)
         finally:
             await close()
         return Response(body, media_type="application/json")
-
-    async def _frames(
-        self, p: Prepared, delta: Delta, stream: AsyncGenerator[Delta, None], record: RequestRecord
-    ) -> AsyncGenerator[bytes, None]:
-        frame = p.format.frame
-        on_text = record.on_text
-        clock = time.perf_counter
-        first = True
-        cached = delta.num_cached_tokens
-        try:
-            while True:
-                reason = delta.finish_reason
-                if reason == "abort":
-                    raise aborted()
-                if delta.text or reason is not None:
-                    yield frame(delta.text, first, reason)
-                    # After the yield the frame has been handed to the socket: that is the
-                    # moment the user-facing clock records.
-                    on_text(delta.text, delta.num_tokens, clock())
-                    first = False
-                else:
-                    record.output_tokens += delta.num_tokens  # bytes of an unfinished character
-                if reason is not None:
-                    record.finish_reason = reason
-                    break
-                delta = await anext(stream)
-        except Exception as exc:  # cancellation (a BaseException) passes through
-            record.finish_reason = "error"
-            yield error_frame(to_api_error(exc))
-            yield DONE_FRAME
-            return
-        if p.include_usage:
-            yield p.format.usage_frame(record.prompt_tokens, record.output_tokens, cached)
-        yield DONE_FRAME
-
-    async def _collect(
-        self, p: Prepared, delta: Delta, stream: AsyncGenerator[Delta, None], record: RequestRecord
-    ) -> bytes:
-        parts: list[str] = []
-        clock = time.perf_counter
-        cached = delta.num_cached_tokens
-        while True:
-            record.on_text(delta.text, delta.num_tokens, clock())
-            parts.append(delta.text)
-            if delta.finish_reason is not None:
-                break
-            delta = await anext(stream)
-        if delta.finish_reason == "abort":
-            raise aborted()
-        record.finish_reason = delta.finish_reason
-        return p.format.completion_body(
-            "".join(parts), delta.finish_reason, record.prompt_tokens, record.output_tokens, cached
-        )
-
-    # -- parsed chat answers (tools, reasoning) --------------------------------------------
-
-    async def _parsed_frames(
-        self, p: Prepared, delta: Delta, stream: AsyncGenerator[Delta, None], record: RequestRecord
-    ) -> AsyncGenerator[bytes, None]:
-        """Frames of a parsed answer, each kind of its own (some clients read one field per
-        chunk): thoughts as ``reasoning_content``, spoken text as ``content``, each tool-call
-        fragment alone; the finish reason in a last frame with an empty delta."""
-        fmt = p.format
-        clock = time.perf_counter
-        first = True
-        cached = delta.num_cached_tokens
-        include_reasoning = p.turn is None or p.turn.include_reasoning
-        try:
-            while True:
-                reason = delta.finish_reason
-                if reason == "abort":
-                    raise aborted()
-                if delta.reasoning:
-                    if include_reasoning:
-                        yield fmt.reasoning_frame(delta.reasoning, first)
-                        first = False
-                    # Thinking time is the operator's to see; it is never time to first token.
-                    record.on_reasoning(0 if delta.text else delta.num_tokens, clock())
-                if delta.text:
-                    yield fmt.frame(delta.text, first)
-                    record.on_text(delta.text, delta.num_tokens, clock())
-                    first = False
-                elif not delta.reasoning:
-                    # Tool calls are not spoken: they count as tokens only.
-                    record.output_tokens += delta.num_tokens
-                for call in delta.tool_calls:
-                    yield fmt.tool_call_frame(call, first)
-                    first = False
-                if reason is not None:
-                    yield fmt.frame("", True, reason) if first else fmt.finish_frame(reason)
-                    record.finish_reason = reason
-                    record.reasoning_tokens = delta.num_reasoning_tokens
-                    break
-                delta = await anext(stream)
-        except Exception as exc:  # cancellation (a BaseException) passes through
-            record.finish_reason = "error"
-            yield error_frame(to_api_error(exc))
-            yield DONE_FRAME
-            return
-        if p.include_usage:
-            yield fmt.usage_frame(
-                record.prompt_tokens, record.output_tokens, cached, delta.num_reasoning_tokens
-            )
-        yield DONE_FRAME
-
-    async def _collect_parsed(
-        self, p: Prepared, delta: Delta, stream: AsyncGenerator[Delta, None], record: RequestRecord
-    ) -> bytes:
-        text: list[str] = []
-        reasoning: list[str] = []
-        calls: dict[int, dict[str, Any]] = {}
-        clock = time.perf_counter
-        cached = delta.num_cached_tokens
-        while True:
-            if delta.reasoning:
-                record.on_reasoning(0 if delta.text else delta.num_tokens, clock())
-                reasoning.append(delta.reasoning)
-            if delta.text:
-                record.on_text(delta.text, delta.num_tokens, clock())
-                text.append(delta.text)
-            elif not delta.reasoning:
-                record.output_tokens += delta.num_tokens
-            for call in delta.tool_calls:
-                _merge_call(calls, call)
-            if delta.finish_reason is not None:
-                break
-            delta = await anext(stream)
-        if delta.finish_reason == "abort":
-            raise aborted()
-        record.finish_reason = delta.finish_reason
-        record.reasoning_tokens = delta.num_reasoning_tokens
-        include_reasoning = p.turn is None or p.turn.include_reasoning
-        return p.format.chat_body(
-            "".join(text),
-            "".join(reasoning) if self._engine.reasoning and include_reasoning else None,
-            [calls[i] for i in sorted(calls)],
-            delta.finish_reason,
-            record.prompt_tokens,
-            record.output_tokens,
-            cached,
-            delta.num_reasoning_tokens,
-        )
-
-
-def _merge_call(calls: dict[int, dict[str, Any]], call: ToolCallDelta) -> None:
-    """Accumulate a streamed tool-call fragment into the whole call, as clients do."""
-    whole = calls.setdefault(
-        call.index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
-    )
-    if call.id is not None:
-        whole["id"] = call.id
-    if call.name:
-        whole["function"]["name"] += call.name
-    whole["function"]["arguments"] += call.arguments
 
 
 def _sampling_options(

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import posixpath
 import re
 import shlex
 import subprocess
@@ -372,6 +373,150 @@ def epp_metric_flags(objs: list[dict]) -> list[tuple[str, str]]:
                 if m and m.group(1).strip('"'):
                     out.append((f"{where}/{c['name']} {a.split('=')[0]}", m.group(1).strip('"')))
     return out
+
+
+# ---------------------------------------------------------------- persona adapters (LoRA)
+LORA_MODULE_KEYS = frozenset({"name", "path", "base_model_name"})  # vLLM's LoRAModulePath
+# Settings that mean nothing (or fail) without AVATAR_ENABLE_LORA=true.
+LORA_SETTINGS = (
+    "AVATAR_LORA_MODULES",
+    "AVATAR_LORA_ADAPTER_ROOT",
+    "AVATAR_MAX_LORAS",
+    "AVATAR_MAX_LORA_RANK",
+    "AVATAR_MAX_CPU_LORAS",
+)
+_TRUE, _FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
+
+
+def lora_modules(value: str) -> list[dict]:
+    """AVATAR_LORA_MODULES as the server reads it: a JSON array of {"name", "path",
+    "base_model_name"?} objects (or one such object), or comma-separated name=path items.
+    ValueError if neither."""
+    text = value.strip()
+    if text.startswith(("[", "{")):
+        items = json.loads(text)  # json.JSONDecodeError is a ValueError
+        items = items if isinstance(items, list) else [items]
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ValueError(f"[{i}] is not an object: {item!r}")
+            if unknown := set(item) - LORA_MODULE_KEYS:
+                raise ValueError(f"[{i}] unknown keys {sorted(unknown)}")
+            if not all(isinstance(item.get(k), str) and item[k] for k in ("name", "path")):
+                raise ValueError(f"[{i}] needs a non-empty name and path: {item!r}")
+        return items
+    out = []
+    for item in text.split(","):
+        name, sep, path = (p.strip() for p in item.partition("="))
+        if not (sep and name and path):
+            raise ValueError(f"{item.strip()!r} is not name=path")
+        out.append({"name": name, "path": path})
+    return out
+
+
+def _under(path: str, root: str, strict: bool = False) -> bool:
+    root = root.rstrip("/") or "/"
+    return (not strict and path == root) or path.startswith(root.rstrip("/") + "/")
+
+
+def lora_problems(env: dict[str, str | None], pod_spec: dict, c: dict, ranks) -> list[str]:
+    """Ways one server container's persona (LoRA) settings would fail or surprise a user.
+    Empty = fine, including a container that serves no adapters. `ranks`: the ranks
+    vLLM accepts for --max-lora-rank."""
+    problems: list[str] = []
+
+    def flag(name: str) -> bool:
+        word = (env.get(name) or "false").strip().lower()
+        if word not in _TRUE | _FALSE:
+            problems.append(f"{name}={env[name]!r} is not a boolean")
+        return word in _TRUE
+
+    enabled = flag("AVATAR_ENABLE_LORA")
+    runtime = flag("AVATAR_ALLOW_RUNTIME_LORA_UPDATING") or flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+    if not enabled:
+        used = [n for n in LORA_SETTINGS if env.get(n)] + (["runtime updating"] if runtime else [])
+        if used:
+            problems.append(f"{used} set without AVATAR_ENABLE_LORA=true")
+        return problems
+
+    raw_root = env.get("AVATAR_LORA_ADAPTER_ROOT")
+    root = posixpath.normpath(raw_root) if raw_root else None
+    if not root:
+        problems.append("AVATAR_ENABLE_LORA without AVATAR_LORA_ADAPTER_ROOT (no adapter volume)")
+    else:
+        mounts = [m for m in c.get("volumeMounts", []) if _under(root, m["mountPath"])]
+        if not mounts:
+            problems.append(f"adapter root {root} is not on a mounted volume")
+        else:
+            m = max(mounts, key=lambda m: len(m["mountPath"]))
+            vol = next((v for v in pod_spec.get("volumes", []) if v["name"] == m["name"]), {})
+            if m.get("readOnly") is not True:
+                problems.append(f"adapter volume {m['name']} mounted writable at {m['mountPath']}")
+            if not ("persistentVolumeClaim" in vol or "image" in vol):
+                problems.append(f"adapter volume {m['name']} is neither a PVC nor an image volume")
+
+    try:
+        max_loras = int(env.get("AVATAR_MAX_LORAS") or 1)  # vLLM's defaults
+        rank = int(env.get("AVATAR_MAX_LORA_RANK") or 16)
+        cpu_loras = int(env.get("AVATAR_MAX_CPU_LORAS") or max_loras)
+    except ValueError as e:
+        return [*problems, f"LoRA limit is not an integer: {e}"]
+    if rank not in ranks:
+        problems.append(f"AVATAR_MAX_LORA_RANK={rank} is not one vLLM accepts {sorted(ranks)}")
+    if not 1 <= max_loras <= cpu_loras:
+        problems.append(f"need 1 <= AVATAR_MAX_LORAS ({max_loras}) <= AVATAR_MAX_CPU_LORAS")
+
+    personas = []
+    if env.get("AVATAR_LORA_MODULES"):
+        try:
+            personas = lora_modules(env["AVATAR_LORA_MODULES"])
+        except ValueError as e:
+            problems.append(f"AVATAR_LORA_MODULES does not parse: {e}")
+    served = [
+        s.strip()
+        for s in (env.get("AVATAR_SERVED_MODEL_NAME") or env.get("AVATAR_MODEL") or "").split(",")
+        if s.strip()
+    ]
+    names = [p["name"] for p in personas]
+    if dup := sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"persona names listed twice: {dup}")
+    paths = [posixpath.normpath(p["path"]) for p in personas]
+    if dup := sorted({x for x in paths if paths.count(x) > 1}):
+        problems.append(f"personas share an adapter directory: {dup}")
+    if clash := sorted(set(names) & set(served)):
+        problems.append(f"persona names equal to the served base model: {clash}")
+    for p in personas:
+        path = p["path"]
+        if not posixpath.isabs(path) or posixpath.normpath(path) != path.rstrip("/"):
+            problems.append(f"persona {p['name']}: path {path!r} is not absolute and normal")
+        elif root and not _under(path, root, strict=True):
+            problems.append(f"persona {p['name']}: path {path} is not under {root}")
+        base = p.get("base_model_name")
+        if base is not None and served and base not in served:
+            problems.append(f"persona {p['name']}: base_model_name {base!r} is not served {served}")
+    if len(personas) > cpu_loras:
+        problems.append(
+            f"{len(personas)} static personas but AVATAR_MAX_CPU_LORAS={cpu_loras}: the rest "
+            "are re-read from the volume whenever they come back"
+        )
+    if runtime:
+        args = c.get("args", [])
+        count = env.get("AVATAR_API_SERVER_COUNT") or "1"
+        if "--api-server-count" in args:
+            count = args[args.index("--api-server-count") + 1]
+        if int(count) > 1:
+            problems.append(f"runtime LoRA updating with {count} API servers (the server refuses)")
+    return problems
+
+
+def epp_configs(objs: Iterable[dict]) -> Iterator[tuple[str, dict, str, str]]:
+    """(where, parsed config, ConfigMap name, key) for every EndpointPickerConfig in a ConfigMap."""
+    for cm in find(objs, "ConfigMap"):
+        for key, val in (cm.get("data") or {}).items():
+            if key.endswith((".yaml", ".yml")):
+                doc = yaml.safe_load(val)
+                if isinstance(doc, dict) and doc.get("kind") == "EndpointPickerConfig":
+                    name = cm["metadata"]["name"]
+                    yield f"ConfigMap/{name}/{key}", doc, name, key
 
 
 # ---------------------------------------------------------------- the server contract

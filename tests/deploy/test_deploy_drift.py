@@ -7,7 +7,9 @@ from the rendered kustomize output, the dashboard JSON and every PromQL expressi
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import shutil
 
@@ -35,6 +37,45 @@ def test_dockerfile_matches_server(tools, contract):
     assert paths == {"/health"}, f"HEALTHCHECK must probe /health (a route of the app): {hc}"
     exposed = {int(rest.split("/")[0]) for w, rest in ins if w == "EXPOSE"}
     assert exposed == {int(env.get("AVATAR_PORT", contract.port))} == {contract.port}
+
+
+def _server_settings_problems(objs: list[dict], scratch) -> list[str]:
+    """Start-up errors the server's own parser (serve.cli.parse_settings) reports for each
+    server container's rendered env and args: values, not just names (a pod that would
+    exit at start-up). Secrets get placeholders; the adapter root, which the server wants
+    to exist, points at a scratch folder."""
+    from serve import cli
+
+    problems = []
+    for where, _ps, c in dl.server_containers(objs):
+        env = {k: ("placeholder" if v is None else v) for k, v in dl.container_env(c, objs).items()}
+        if "AVATAR_LORA_ADAPTER_ROOT" in env:
+            env["AVATAR_LORA_ADAPTER_ROOT"] = str(scratch)
+        argv = [] if c.get("command") else [str(a) for a in c.get("args", [])]
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                cli.parse_settings(argv, env)
+        except SystemExit:
+            problems.append(f"{where}: {err.getvalue().strip().splitlines()[-1]}")
+    return problems
+
+
+def test_server_accepts_rendered_settings(rendered, contract, tmp_path):
+    problems = [
+        f"[{t}] {p}"
+        for t, objs in rendered.items()
+        for p in _server_settings_problems(objs, tmp_path)
+    ]
+    assert not problems, "the server would refuse to start:\n" + "\n".join(problems)
+
+
+def test_server_settings_check_catches_bad_values(rendered, contract, tmp_path):
+    objs = copy.deepcopy(rendered["overlay:gpu-personas"])
+    (cm,) = [cm for cm in dl.find(objs, "ConfigMap") if "AVATAR_LOG_LEVEL" in cm["data"]]
+    cm["data"]["AVATAR_LOG_LEVEL"] = "info"  # vLLM's choices are upper case
+    problems = _server_settings_problems(objs, tmp_path)
+    assert any("AVATAR_LOG_LEVEL" in p for p in problems), problems
 
 
 # ------------------------------------------------ the checker must catch drift

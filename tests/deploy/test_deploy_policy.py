@@ -31,7 +31,8 @@ def test_every_target_runs_the_server(rendered):
 
 
 @pytest.mark.parametrize(
-    "overlay,gpus", [("gpu", 1), ("gpu-tp", 4), ("multinode", 8), ("cpu-demo", 0)]
+    "overlay,gpus",
+    [("gpu", 1), ("gpu-tp", 4), ("multinode", 8), ("cpu-demo", 0), ("gpu-personas", 1)],
 )
 def test_gpu_requests(rendered, overlay, gpus):
     for where, ps, c in dl.server_containers(rendered[f"overlay:{overlay}"]):
@@ -72,6 +73,25 @@ def test_resources_requests_and_shm(rendered):
         assert ed.get("medium") == "Memory", where
         # memory-backed emptyDir is charged to the pod: it must fit in the limit
         assert _qty_gib(ed["sizeLimit"]) < _qty_gib(lim["memory"]), where
+
+
+# Kinds the overlays render that have no namespace.
+CLUSTER_SCOPED = frozenset({"Namespace", "ClusterRole", "ClusterRoleBinding"})
+
+
+def test_overlay_objects_share_the_overlay_namespace(rendered):
+    """An object an overlay adds without its namespace lands in `default` (or the kubectl
+    context's): a PVC there leaves the server pods Pending on a claim they cannot see."""
+    for overlay in dl.overlays():
+        objs = rendered[f"overlay:{overlay}"]
+        (ns,) = dl.find(objs, "Namespace")
+        stray = [
+            f"{o['kind']}/{o['metadata']['name']}"
+            for o in objs
+            if o["kind"] not in CLUSTER_SCOPED
+            and o["metadata"].get("namespace") != ns["metadata"]["name"]
+        ]
+        assert not stray, f"{overlay}: not in namespace {ns['metadata']['name']}: {stray}"
 
 
 def test_model_cache_on_pvc_and_hf_home(rendered):

@@ -12,7 +12,7 @@ import deploylib as dl
 import pytest
 import yaml
 
-EXPECTED_OVERLAYS = {"gpu", "gpu-tp", "cpu-demo", "multinode"}
+EXPECTED_OVERLAYS = {"gpu", "gpu-tp", "cpu-demo", "multinode", "gpu-personas"}
 
 
 def test_expected_overlays_exist():
@@ -39,6 +39,10 @@ def test_components_add_what_they_promise(rendered):
     assert "ServiceMonitor" in kinds["gpu+monitoring"]
     assert "PrometheusRule" in kinds["gpu+alerts"]
     assert {"InferencePool", "HTTPRoute"} <= kinds["gpu+inference-gateway"]
+    adapters = ("PersistentVolumeClaim", "avatar-llm-adapters")
+    assert dl.find(rendered["gpu+personas"], *adapters)
+    assert dl.find(rendered["overlay:gpu-personas"], *adapters)
+    assert not dl.find(rendered["gpu+personas-image"], *adapters)  # an image volume instead
     assert "LeaderWorkerSet" in kinds["overlay:multinode"]
     assert "Deployment" not in kinds["overlay:multinode"]
 
