@@ -57,7 +57,9 @@ async def stream_text(client: httpx.AsyncClient, url: str, first: asyncio.Event,
 async def test_two_front_ends_serve_metrics_add_up_and_sigterm_drains_both(
     tmp_path: Path,
 ) -> None:
-    with running_server(tmp_path / "server.log", *TWO, "--drain-timeout", "180") as server:
+    with running_server(
+        tmp_path / "server.log", *TWO, "--drain-timeout", "180", "--demo-personas"
+    ) as server:
         front_ends = children(server, "APIServer")
         assert len(front_ends) == 2 and len(children(server, "EngineCore")) == 1
         url = f"{server.base_url}/v1/chat/completions"
@@ -82,12 +84,23 @@ async def test_two_front_ends_serve_metrics_add_up_and_sigterm_drains_both(
             # Any process answers a scrape with the sum over both.
             for _ in range(4):
                 text = (await client.get(f"{server.base_url}/metrics")).text
-                assert (
-                    metric_value(text, "avatar_requests_total", endpoint="chat", status="200") == 16
-                )
+                assert metric_value(
+                    text, "avatar_requests_total", endpoint="chat", status="200"
+                ) == len(results)
                 assert metric_value(text, "avatar_generation_tokens_total") == tokens
                 assert metric_value(text, "vllm:generation_tokens_total") == tokens
                 assert metric_value(text, "avatar_engine_alive") == 1
+
+            # Personas (--lora-modules) load in every front end, under the same engine ids: a
+            # persona answers alike whichever process takes the request.
+            loads = re.findall(
+                r"\[(\d+)\] serve\.personas: persona demo-tutor loaded", server.log()
+            )
+            assert {int(pid) for pid in loads} == {p.pid for p in front_ends}
+            persona = chat(model="demo-tutor", max_tokens=8, temperature=0)
+            answers = await asyncio.gather(*(client.post(url, json=persona) for _ in range(8)))
+            texts = {r.json()["choices"][0]["message"]["content"] for r in answers}
+            assert len(texts) == 1, texts
 
             firsts = [asyncio.Event() for _ in range(4)]
             streams = [asyncio.create_task(stream_text(client, url, ev, 1500)) for ev in firsts]

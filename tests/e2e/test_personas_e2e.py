@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from openai import NotFoundError, OpenAI
 
 from serve import demo_model
 from serve.demo_personas import build_adapter
@@ -99,6 +100,28 @@ def test_a_persona_streams(persona_server: ServerProcess) -> None:
     assert {f["model"] for f in frames} == {"tutor"}
     streamed = "".join(f["choices"][0]["delta"].get("content") or "" for f in frames)
     assert streamed == answer(persona_server, "tutor")
+
+
+def test_the_openai_sdk_picks_a_persona(persona_server: ServerProcess) -> None:
+    """As voice-agent frameworks call it: streaming, usage in the last chunk."""
+    client = OpenAI(base_url=f"{persona_server.base_url}/v1", api_key=TEST_API_KEY)
+    chunks = list(
+        client.chat.completions.create(
+            model="guide",
+            messages=HELLO,  # type: ignore[arg-type]
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert {c.model for c in chunks} == {"guide"}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer(persona_server, "guide")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model="nobody", messages=HELLO)  # type: ignore[arg-type]
 
 
 def test_an_unknown_persona_is_404(persona_server: ServerProcess) -> None:

@@ -45,3 +45,35 @@ def test_a_changed_template_makes_the_cache_stale(
     (tmp_path / "DEMO_MODEL_VERSION").write_text("1")  # a build of the first version
     monkeypatch.undo()
     assert not demo_model.is_built(tmp_path)
+
+
+def test_persona_adapters_are_peft_shaped_seeded_and_cached(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from serve.demo_personas import DEMO_PERSONAS, build_adapter, ensure_demo_personas
+
+    base = tmp_path / "base"
+    base.mkdir()
+    config = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2}  # fmt: skip
+    (base / "config.json").write_text(json.dumps(config))
+    one = build_adapter(base, tmp_path / "one", seed=1)
+    same = build_adapter(base, tmp_path / "same", seed=1)
+    other = build_adapter(base, tmp_path / "other", seed=2)
+    weights = "adapter_model.safetensors"
+    assert (one / weights).read_bytes() == (same / weights).read_bytes()
+    assert (one / weights).read_bytes() != (other / weights).read_bytes()
+    adapter_config = json.loads((one / "adapter_config.json").read_text())
+    assert (adapter_config["peft_type"], adapter_config["r"]) == ("LORA", 8)
+    with safe_open(str(one / weights), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    prefix = "base_model.model.model.layers.1.self_attn"
+    assert shapes[f"{prefix}.q_proj.lora_A.weight"] == (8, 128)
+    assert shapes[f"{prefix}.v_proj.lora_B.weight"] == (64, 8)  # 2 kv heads of 32
+    assert len(shapes) == 2 * 2 * 2  # layers x targets x (A, B)
+
+    built = ensure_demo_personas(base, tmp_path / "personas")
+    assert set(built) == set(DEMO_PERSONAS)
+    stamp = {name: (path / weights).stat().st_mtime_ns for name, path in built.items()}
+    again = ensure_demo_personas(base, tmp_path / "personas")
+    assert {n: (p / weights).stat().st_mtime_ns for n, p in again.items()} == stamp, "reused"
