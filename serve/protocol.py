@@ -192,15 +192,19 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens if self.max_tokens is not None else 16
 
 
+# A persona's name is what clients send as `model`, and a metrics label: printable, bounded.
+AdapterName = Annotated[str, Field(pattern=r"^[^\s\x00-\x1f]{1,256}$")]
+
+
 class LoadAdapterRequest(_Request):
     """``POST /v1/load_lora_adapter``, vLLM's body: a persona's name and its adapter folder."""
 
-    lora_name: str
-    lora_path: str
+    lora_name: AdapterName
+    lora_path: str = Field(min_length=1, max_length=4096)
     load_inplace: bool = False  # replace a persona already loaded under this name
 
 
 class UnloadAdapterRequest(_Request):
     """``POST /v1/unload_lora_adapter``, vLLM's body (its ``lora_int_id`` is ignored)."""
 
-    lora_name: str
+    lora_name: AdapterName

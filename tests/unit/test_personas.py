@@ -286,3 +286,14 @@ def test_keys_are_required_for_runtime_updates(root: Path) -> None:
             lora_adapter_root=root,
             allow_runtime_lora_updating=True,
         )
+
+
+@pytest.mark.parametrize("name", ["", "two words", "x" * 257, "tab\there"])
+async def test_a_persona_name_must_be_printable_and_bounded(
+    lora_engine: FakeEngine, root: Path, name: str
+) -> None:
+    app = await started(persona_app(lora_engine, root))
+    async with open_client(app) as c:
+        r = await c.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": "guide"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", r.text
+    assert [a.name for a in lora_engine.loaded] == ["tutor"]
