@@ -3,7 +3,9 @@
     python -m loadtest.bench --base-url http://127.0.0.1:8000/v1 --concurrency 1,16,64 \\
         --num-requests 128 --ignore-eos --out results/run1
 
-Every level of the sweep replays the same seeded avatar workload; see BENCHMARKS.md.
+Every level of the sweep replays the same seeded avatar workload; see BENCHMARKS.md. With
+``--personas N`` each conversation asks for a persona adapter named after its persona instead
+of ``--model`` (the server must serve them; ``loadtest.personas`` sets one up).
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from loadtest.client import ChatClient, resolve_model
 from loadtest.report import emit, level_results
 from loadtest.runner import LevelRun, SendFn, run_level
 from loadtest.stats import Slo
-from loadtest.workload import ChatRequest, IntRange, build_workload
+from loadtest.workload import (
+    ChatRequest,
+    IntRange,
+    build_workload,
+    persona_adapter_names,
+    route_to_personas,
+)
 
 
 def _levels(text: str, kind: type[float] | type[int]) -> list[Any]:
@@ -79,6 +87,31 @@ def add_workload_args(
         action="store_true",
         help="send ignore_eos=true (vLLM extension) so replies are exactly max_tokens",
     )
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
+    return value
+
+
+def add_persona_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--personas",
+        type=_non_negative,
+        default=0,
+        metavar="N",
+        help="send each conversation to one of N persona adapters named after its persona "
+        "(game_npc, kids_storyteller, ...; past eight game_npc-2, ...), which the server must "
+        "serve (--lora-modules); 0 (default): every request asks for --model",
+    )
+
+
+def routed(args: argparse.Namespace, requests: list[ChatRequest]) -> list[ChatRequest]:
+    """The requests as ``--personas`` sends them: to persona adapters, or unchanged."""
+    n = getattr(args, "personas", 0) or 0
+    return route_to_personas(requests, persona_adapter_names(n)) if n else requests
 
 
 def add_load_args(parser: argparse.ArgumentParser) -> None:
@@ -146,7 +179,9 @@ def level_size(args: argparse.Namespace, mode: str, level: float) -> int:
 def workload_for(args: argparse.Namespace, n: int) -> list[ChatRequest]:
     if n >= 1_000_000:
         n = 100_000  # bounded by --duration; a long enough list without wasting memory
-    return build_workload(n, seed=args.seed, turns=args.turns, max_tokens=args.max_tokens)
+    return routed(
+        args, build_workload(n, seed=args.seed, turns=args.turns, max_tokens=args.max_tokens)
+    )
 
 
 Probe = Callable[[], Any]
@@ -168,8 +203,11 @@ async def run_levels(
     """
     mode, levels = sweep(args)
     if args.warmup:
-        warm = build_workload(
-            args.warmup, seed=args.seed + 10_000, turns=args.turns, max_tokens=IntRange(8, 16)
+        warm = routed(
+            args,
+            build_workload(
+                args.warmup, seed=args.seed + 10_000, turns=args.turns, max_tokens=IntRange(8, 16)
+            ),
         )
         await run_level(
             send, warm, concurrency=min(2, args.warmup), progress=False, monitor_client=False
@@ -218,6 +256,7 @@ def run_meta(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         "turns": str(args.turns),
         "max_tokens": str(args.max_tokens),
         "ignore_eos": args.ignore_eos,
+        "personas": getattr(args, "personas", 0) or 0,
         "slo": {"ttft_ms": args.slo_ttft_ms, "itl_ms": args.slo_itl_ms},
         "host": {
             "platform": platform.platform(),
@@ -273,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-plots", action="store_true")
     add_workload_args(p)
+    add_persona_args(p)
     add_load_args(p)
     return p
 

@@ -113,7 +113,7 @@ def server_cpu(results: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]
     return out
 
 
-def _cell(s: dict[str, float] | None, digits: int = 2) -> str:
+def cell(s: dict[str, float] | None, digits: int = 2) -> str:
     if not s:
         return "-"
     # The median, not the mean: on shared cores one disturbed round must not move the figure.
@@ -143,7 +143,7 @@ def cpu_markdown(table: dict[str, Any]) -> list[str]:
             procs = per.get("processes") or {}
             lines.append(
                 f"| {target} | {level} | "
-                + " | ".join(_cell(per.get(key), digits) for key, _, digits in CPU_FIELDS)
+                + " | ".join(cell(per.get(key), digits) for key, _, digits in CPU_FIELDS)
                 + f" | {procs.get('front_end', '?')} front end, {procs.get('engine', '?')} engine"
                 + " |"
             )
@@ -176,7 +176,7 @@ def markdown(report: dict[str, Any]) -> str:
             "|---" * (len(labels) + 1) + "|",
         ]
         for level, per in table.items():
-            lines.append(f"| {level} | " + " | ".join(_cell(per.get(lab)) for lab in labels) + " |")
+            lines.append(f"| {level} | " + " | ".join(cell(per.get(lab)) for lab in labels) + " |")
         lines.append("")
     lines += cpu_markdown(report.get("server_cpu") or {})
     lines += [
@@ -190,9 +190,7 @@ def markdown(report: dict[str, Any]) -> str:
     for target, per_level in report["absolute"].items():
         for level, per in per_level.items():
             lines.append(
-                f"| {target} | {level} | "
-                + " | ".join(_cell(per.get(lab)) for lab in labels)
-                + " |"
+                f"| {target} | {level} | " + " | ".join(cell(per.get(lab)) for lab in labels) + " |"
             )
     if report.get("idle_peer_cpu"):
         lines += [

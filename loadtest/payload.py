@@ -13,9 +13,12 @@ from loadtest.workload import ChatRequest
 def chat_payload(
     model: str, req: ChatRequest, *, ignore_eos: bool, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The request body; shared with the Locust user so both send the same thing."""
+    """The request body; shared with the Locust user so both send the same thing.
+
+    ``model`` is the client's model; a request that names its own (a persona adapter) wins.
+    """
     payload: dict[str, Any] = {
-        "model": model,
+        "model": req.model or model,
         "messages": req.messages,
         "max_tokens": req.max_tokens,
         "stream": True,

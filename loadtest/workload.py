@@ -6,12 +6,18 @@ one user turn to answer. The reply length is controlled with ``max_tokens`` draw
 so that with ``ignore_eos`` a random model still produces replies of the intended lengths.
 The same seed always gives the same list of requests, whatever the client (bench, Locust or
 the raw engine), which is what makes A/B comparisons fair.
+
+``route_to_personas`` sends each request to a persona adapter (a LoRA over the base model)
+named after its conversation's persona, so that a server with N adapters batches all of them
+together (``loadtest.bench --personas N``, ``loadtest.personas``).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from loadtest.conversations import PERSONAS
 
@@ -41,12 +47,17 @@ class IntRange:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """One chat completion to send: OpenAI-style messages and the reply length cap."""
+    """One chat completion to send: OpenAI-style messages and the reply length cap.
+
+    ``model`` names the served model or adapter the request asks for; None means the client's
+    own model (the base model).
+    """
 
     index: int
     persona: str
     messages: list[dict[str, str]] = field(hash=False)
     max_tokens: int
+    model: str | None = None
 
 
 def build_workload(
@@ -71,4 +82,42 @@ def build_workload(
             messages.append({"role": "assistant", "content": assistant})
         messages.append({"role": "user", "content": window[-1][0]})
         out.append(ChatRequest(index, persona, messages, max_tokens.sample(rng)))
+    return out
+
+
+def persona_adapter_names(n: int) -> list[str]:
+    """The names of ``n`` persona adapters: the conversation personas in sorted order
+    (``game_npc``, ``kids_storyteller``, ...); past eight, a second set (``game_npc-2``, ...)."""
+    if n < 1:
+        raise ValueError(f"need at least one persona adapter, got {n}")
+    order = sorted(PERSONAS)
+    return [
+        order[k % len(order)] + (f"-{k // len(order) + 1}" if k >= len(order) else "")
+        for k in range(n)
+    ]
+
+
+def route_to_personas(requests: Sequence[ChatRequest], names: Sequence[str]) -> list[ChatRequest]:
+    """Each request sent to an adapter of its own persona, as an avatar product would.
+
+    Name k belongs to the k-th persona (sorted, modulo eight), so with eight names every
+    conversation goes to the adapter named after it; a persona with several adapters (more than
+    eight names) takes them in turn; with fewer than eight, persona j shares name ``j % n``.
+    A persona keeps its adapter, so the prefix cache (keyed by adapter) serves its history as
+    it does for the base model. Everything else about each request is unchanged.
+    """
+    if not names:
+        raise ValueError("no adapter names")
+    order = sorted(PERSONAS)
+    own: dict[str, list[str]] = {}
+    for k, name in enumerate(names):
+        own.setdefault(order[k % len(order)], []).append(name)
+    for j, persona in enumerate(order):
+        own.setdefault(persona, [names[j % len(names)]])
+    turn: Counter[str] = Counter()
+    out = []
+    for req in requests:
+        choices = own[req.persona]
+        out.append(replace(req, model=choices[turn[req.persona] % len(choices)]))
+        turn[req.persona] += 1
     return out

@@ -222,6 +222,9 @@ def estimate_minutes(calls: int, bench_s: float = 420.0, stage_s: float = 10.0) 
     return (start_s + (calls - 1) * stage_s + bench_s + 30.0) / 60.0
 
 
+PERSONAS_COMMAND = "PYTHONUNBUFFERED=1 bash scripts/device/run_gpu_bench.sh --personas 2>&1"
+
+
 def plan_lines(calls: Sequence[Call], budget: int, tree_bytes: int) -> list[str]:
     total = sum(c.size for c in calls)
     minutes = estimate_minutes(len(calls))
@@ -248,6 +251,14 @@ def plan_lines(calls: Sequence[Call], budget: int, tree_bytes: int) -> list[str]
             f'carry=["{CARRY_DIR_NAME}/c{k}"], timeout_s={timeout})  '
             f"# {call.size / MIB:.1f} MiB, {len(call.items)} file(s)"
         )
+    # The persona step is optional and last: it spends the time kept for a rerun of the bench
+    # call, so it is made only when that call did not need one (docs/gpu-benchmark.md).
+    lines.append(
+        "optional, right after the last call (within 30 s), only if it succeeded at its first "
+        "try and status shows at least 330 s left: "
+        f"run(command={PERSONAS_COMMAND!r}, carry=[], timeout_s=300)  "
+        "# persona adapters vs base, about 4-5 min"
+    )
     return lines
 
 

@@ -4,6 +4,8 @@
 #   bash scripts/device/run_gpu_bench.sh --stage-only   # calls 1..N-1: keep this call's wheels
 #   bash scripts/device/run_gpu_bench.sh                # last call: install, build model, bench
 #   bash scripts/device/run_gpu_bench.sh --dry-run      # here, on the CPU: demo model, tiny load
+#   bash scripts/device/run_gpu_bench.sh --personas     # optional call after the last one: persona
+#                                                       # adapters vs base (add --dry-run: here)
 #
 # The call plan (which .device-carry/cN each call carries) comes from
 # scripts/device/prepare_carry.py; see docs/gpu-benchmark.md. Results go under $OUT (at most 8
@@ -15,17 +17,21 @@
 # default 1,16,64,256), BENCH_CALL_S (the whole call's time, default 560), BENCH_MODEL_DIR (use
 # this model as is), BENCH_ENGINE_EXTRA (more engine flags for both servers), BENCH_API_SERVERS
 # (N > 1: also our server with --api-server-count N, last and optional), DRY_RUN=1 (same
-# as --dry-run).
+# as --dry-run). With --personas: PERSONA_N (adapters, default 8), PERSONA_RANK (default 16),
+# PERSONA_CONCURRENCY (default 16,64), PERSONA_DURATION (seconds per level and mode, default 8),
+# PERSONA_ROUNDS (default 2), PERSONA_CALL_S (the whole call's time, default 280).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 t0=$(date +%s)
 
 mode=full
+personas=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) mode=dry ;;
     --stage-only) mode=stage ;;
+    --personas) personas=1 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -49,6 +55,15 @@ if [ "$mode" = dry ]; then
   model="${BENCH_MODEL_DIR:-/tmp/avatar-dry-run/model}"
   if [ -z "${BENCH_MODEL_DIR:-}" ] && [ ! -f "$model/DEMO_MODEL_VERSION" ]; then
     "$py" -m serve.demo_model "$model" >/dev/null
+  fi
+  if [ "$personas" = 1 ]; then
+    # The same N and rank as on the GPU; 8 requests a level, so most adapters get some.
+    exec "$py" scripts/device/gpu_personas.py --model "$model" --out "$OUT" \
+      --work /tmp/avatar-dry-run/personas --python "$py" --max-model-len 2048 \
+      --kv-cache-memory-bytes 268435456 --enforce-eager --budget-s 330 \
+      --personas "${PERSONA_N:-8}" --rank "${PERSONA_RANK:-16}" \
+      --persona-args "--concurrency 2,4 --num-requests 8 --warmup 1 --turns 1:2 \
+--max-tokens 8:16 --rounds ${PERSONA_ROUNDS:-2}"
   fi
   exec "$py" scripts/device/gpu_bench.py bench --model "$model" --out "$OUT" \
     --work /tmp/avatar-dry-run/work --python "$py" --max-model-len 2048 \
@@ -81,6 +96,18 @@ echo "== model"
 model="${BENCH_MODEL_DIR:-/tmp/avatar-bench-model}"
 if [ -z "${BENCH_MODEL_DIR:-}" ]; then
   "$py" scripts/device/gpu_bench.py model "$model" --layers "${BENCH_LAYERS:-32}"
+fi
+
+if [ "$personas" = 1 ]; then
+  # Optional, after the benchmark call: one server of ours with N adapters, base vs personas.
+  echo "== personas ($(( $(date +%s) - t0 )) s so far)"
+  budget=$(( ${PERSONA_CALL_S:-280} - ($(date +%s) - t0) ))
+  exec "$py" scripts/device/gpu_personas.py --model "$model" --out "$OUT" --python "$py" \
+    --max-model-len 4096 --budget-s "$budget" \
+    --engine-extra "--gpu-memory-utilization 0.85 ${BENCH_ENGINE_EXTRA:-}" \
+    --personas "${PERSONA_N:-8}" --rank "${PERSONA_RANK:-16}" \
+    --persona-args "--concurrency ${PERSONA_CONCURRENCY:-16,64} \
+--duration ${PERSONA_DURATION:-8} --warmup 4 --rounds ${PERSONA_ROUNDS:-2}"
 fi
 
 echo "== bench ($(( $(date +%s) - t0 )) s so far)"

@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from types import ModuleType
 
@@ -36,6 +37,7 @@ def _load(name: str) -> ModuleType:
 
 prepare = _load("prepare_carry")
 gpu_bench = _load("gpu_bench")
+gpu_personas = _load("gpu_personas")
 
 
 def test_budget_leaves_room_for_the_tree() -> None:
@@ -75,6 +77,8 @@ def test_plan_names_one_folder_per_call_and_benches_last() -> None:
     assert len(runs) == len(calls) == 2
     assert '.device-carry/c1"' in runs[0] and "--stage-only" in runs[0]
     assert '.device-carry/c2"' in runs[1] and "--stage-only" not in runs[1]
+    # The persona step comes after, optional, carrying nothing (the machine holds it all).
+    assert "--personas" in lines[-1] and "carry=[]" in lines[-1] and "optional" in lines[-1]
 
 
 def test_manifest_round_trip_reassembles_identical_wheels(tmp_path: Path) -> None:
@@ -218,6 +222,85 @@ def test_several_front_ends_run_last_and_their_failure_fails_nothing_else(
     assert tried[-1] == "ours_x2-eager" and code == 0, "the two servers' figures still count"
 
 
+def _persona_args(tmp_path: Path, budget_s: float = 270.0) -> object:
+    return gpu_personas.argparse.Namespace(
+        model="/m", out=str(tmp_path / "o"), work=str(tmp_path / "w"), python="python3",
+        personas=8, rank=16, max_model_len=4096, kv_cache_memory_bytes=0, enforce_eager=False,
+        engine_extra="--gpu-memory-utilization 0.85", budget_s=budget_s,
+        persona_args="--concurrency 16,64 --duration 8 --rounds 2",
+    )  # fmt: skip
+
+
+def test_persona_step_runs_the_persona_bench_on_the_kits_flags(tmp_path: Path) -> None:
+    cmd = gpu_personas.persona_command(_persona_args(tmp_path), 240.0, eager=False)
+    joined = " ".join(cmd)
+    assert cmd[:3] == ["python3", "-m", "loadtest.personas"]
+    for part in ("--personas 8", "--lora-rank 16", "--no-enforce-eager", "--budget-s 240",
+                 "--served-model-name bench", "--env VLLM_ENABLE_V1_MULTIPROCESSING=1",
+                 "--concurrency 16,64 --duration 8 --rounds 2"):  # fmt: skip
+        assert part in joined, part
+    assert "--engine-args=--enable-prefix-caching --gpu-memory-utilization 0.85" in cmd
+    assert "--enforce-eager" in gpu_personas.persona_command(_persona_args(tmp_path), 240.0, True)
+
+
+def _fake_persona_report(out: Path) -> None:
+    from loadtest.personas_report import build_report
+
+    def level(tok_s: float) -> dict[str, object]:
+        ms = {"p50": 20.0, "p99": 40.0}
+        summary = {"output_token_throughput": tok_s, "ttft_ms": ms, "itl_ms": ms}
+        return {"level": 16, "summary": summary, "adapters_together": 8, "warnings": []}
+
+    meta = {"model": "/m", "personas": 8, "rank": 16, "rounds": 1, "mode": "concurrency"}
+    report = build_report(meta, {"base": [[level(1000)]], "personas": [[level(900)]]}, False)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "personas.json").write_text(json.dumps(report))
+    (out / "personas.md").write_text("# Persona adapters vs the base model\n")
+    (out / "ours.log").write_text("server log")
+
+
+def test_persona_step_retries_a_failed_start_once_in_eager_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tried: list[bool] = []
+
+    def fake_run(cmd: list[str], timeout_s: float) -> int:
+        eager = "--enforce-eager" in cmd
+        tried.append(eager)
+        out = Path(cmd[cmd.index("--out") + 1])
+        if eager:
+            _fake_persona_report(out)
+            return 0
+        out.mkdir(parents=True)
+        (out / "ours.log").write_text("torch.compile failed")
+        return 1
+
+    monkeypatch.setattr(gpu_personas, "run_once", fake_run)
+    assert gpu_personas.run(_persona_args(tmp_path)) == 0
+    assert tried == [False, True]
+    out = tmp_path / "o"
+    table = (out / "personas-summary.md").read_text()
+    assert "personas/base conc 16: tok/s 0.90x" in table and "--enforce-eager" in table
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == [
+        "personas-all.tar.gz", "personas-summary.md", "personas/personas.json",
+        "personas/personas.md",
+    ]  # fmt: skip
+    with tarfile.open(out / "personas-all.tar.gz") as tar:
+        names = tar.getnames()
+    assert "personas-bench/personas-first-try/ours.log" in names, "the failed start's log too"
+
+
+def test_persona_step_without_time_for_a_retry_reports_the_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tried: list[list[str]] = []
+    monkeypatch.setattr(gpu_personas, "run_once", lambda cmd, timeout_s: tried.append(cmd) or 1)
+    assert gpu_personas.run(_persona_args(tmp_path, budget_s=100.0)) == 1
+    assert len(tried) == 1
+    assert "personas: FAILED" in (tmp_path / "o" / "personas-summary.md").read_text()
+
+
 @pytest.mark.e2e
 def test_dry_run_writes_results_and_prints_the_table(tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -251,3 +334,38 @@ def test_dry_run_writes_results_and_prints_the_table(tmp_path: Path) -> None:
     assert any(line.startswith("ours/vllm conc 2:") for line in table), table
     for name in ("ours", "vllm"):
         assert any(line.startswith(f"{name} front-end CPU: ") for line in table), table
+
+
+@pytest.mark.e2e
+def test_persona_dry_run_serves_the_adapters_and_prints_the_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out)}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "device" / "run_gpu_bench.sh"), "--dry-run", "--personas"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "personas" / "personas.json").read_text())
+    assert report["meta"]["rounds_done"] == 2 and report["meta"]["rank"] == 16
+    for mode in ("base", "personas"):
+        for levels in report["results"][mode]:
+            assert [lv["level"] for lv in levels] == [2, 4]
+            assert all(lv["summary"]["completed"] == 8 for lv in levels)
+    # The server really served the adapters: base levels reached the base model only, and
+    # persona levels reached adapters only, several of them in one engine step.
+    for levels in report["results"]["base"]:
+        assert all(set(lv["served"]) == {"bench"} for lv in levels), levels[0]["served"]
+    for levels in report["results"]["personas"]:
+        for lv in levels:
+            assert "bench" not in lv["served"] and sum(lv["served"].values()) == 8
+        # Which requests overlap depends on timing; at concurrency 4 some step holds several.
+        assert max(lv["adapters_together"] for lv in levels) >= 2, levels
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files)
+    lines = str(proc.stdout).strip().splitlines()
+    assert any(line.startswith("personas/base conc 4: tok/s ") for line in lines), lines[-12:]
+    assert lines[0].startswith("personas vs base: 8 rank-16 adapters"), lines[:3]
