@@ -114,6 +114,10 @@ def _announce(settings: Settings, engine: Engine, startup_s: float) -> None:
             "Set --api-key (or AVATAR_API_KEY) in production."
         )
     log.info("OpenAI base URL: %s  (model %r)", base, model)
+    if settings.lora_modules:
+        # A persona is asked for by name in `model`, exactly like the base model.
+        names = ", ".join(m.name for m in settings.lora_modules)
+        log.info("personas (send one as `model`): %s", names)
     log.info(
         "try: curl -N %s/chat/completions -H 'Content-Type: application/json'%s "
         '-d \'{"model": "%s", "stream": true, '

@@ -241,4 +241,6 @@ def test_metrics_and_log_name_the_persona(persona_server: ServerProcess) -> None
     count = "avatar_e2e_request_latency_seconds_count"
     assert metric_value(text, count, model="tutor") >= 1
     assert metric_value(text, count, model=MODEL) >= 1
-    assert '"model":"tutor"' in persona_server.log()
+    log = persona_server.log()
+    assert '"model":"tutor"' in log
+    assert "personas (send one as `model`): tutor, guide" in log  # the start-up hint
