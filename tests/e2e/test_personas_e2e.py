@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -184,7 +185,8 @@ def test_persona_streams_run_on_through_a_load_and_an_unload(
 ) -> None:
     """Three streams (two personas and the base) are in flight when a new persona is loaded
     and one of theirs is unloaded: every stream ends whole, with every token it asked for."""
-    tokens = 96  # long enough that the load and the unload land mid-stream
+    # Long enough (seconds on the CPU engine) that the load and the unload land mid-stream.
+    tokens = 512
     started: list[str] = []
 
     def stream(model: str) -> tuple[str, dict[str, Any]]:
@@ -215,14 +217,16 @@ def test_persona_streams_run_on_through_a_load_and_an_unload(
         futures = [pool.submit(stream, m) for m in models]
         wait_until(lambda: len(started) == len(models), 60, what="three streams under way")
         load = {"lora_name": "late", "lora_path": "spare"}
+        began = time.monotonic()
         loaded = post(persona_server, "/v1/load_lora_adapter", load, headers=AUTH)
         unloaded = post(
             persona_server, "/v1/unload_lora_adapter", {"lora_name": "guide"}, headers=AUTH
         )
         in_flight = sum(not f.done() for f in futures)
+        took = time.monotonic() - began
         results = [f.result(timeout=120) for f in futures]
     assert loaded.status_code == 200 and unloaded.status_code == 200
-    assert in_flight == len(models), "a stream ended before the load and unload were done"
+    assert in_flight == len(models), f"a stream ended before the load and unload ({took:.2f} s)"
     for last, usage_frame in results:
         assert last == "data: [DONE]"
         assert usage_frame["usage"]["completion_tokens"] == tokens
