@@ -40,12 +40,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest import DEMO_MODEL_NAME, vllm_client
+from loadtest import vllm_client
 from loadtest.bench import add_load_args, add_workload_args, bench_endpoint, sweep
 from loadtest.compare_report import absolute, markdown, plot_compare, ratios, server_cpu
 from loadtest.cpu import ProcessTree, attach_cpu, cpu_from_probe, probe_cpu
 from loadtest.report import format_table, write_outputs
-from loadtest.servers import ServerProcess, engine_flags, free_port, ours_command, vllm_command
+from loadtest.servers import (
+    ServerProcess,
+    add_server_args,
+    engine_flags,
+    free_port,
+    ours_command,
+    vllm_command,
+)
 
 TARGETS = ("ours", "vllm", "engine")
 DEMO_MODEL_DIR = Path.home() / ".cache" / "avatar-llm-serve" / "demo-model"
@@ -62,24 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"model folder or id (default: the demo model, built in {DEMO_MODEL_DIR})",
     )
-    p.add_argument("--served-model-name", default=DEMO_MODEL_NAME)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument(
-        "--kv-cache-memory-bytes",
-        type=int,
-        default=1 << 30,
-        help="KV cache size for every target (default 1 GiB); 0 to leave unset",
-    )
-    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument(
-        "--engine-args",
-        default="--enable-prefix-caching",
-        help="more engine flags for all three targets, one string "
-        "(default: '--enable-prefix-caching', our server's default, made explicit)",
-    )
-    p.add_argument(
-        "--ours-cmd", default=None, help="command that starts our server (default: python -m serve)"
-    )
     p.add_argument(
         "--vllm-cmd",
         default=None,
@@ -89,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--targets", default=",".join(TARGETS), help="comma-separated subset of ours,vllm,engine"
     )
-    p.add_argument("--rounds", type=int, default=2, help="A/B rounds (default 2)")
     p.add_argument(
         "--client",
         choices=("ours", "vllm"),
@@ -103,16 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only one server at a time, started for its turn and stopped after it (for "
         "one GPU that cannot hold two engines, or to rule out any idle-server interference)",
     )
-    p.add_argument("--ready-timeout", type=float, default=600.0)
-    p.add_argument(
-        "--env",
-        action="append",
-        default=["VLLM_ENABLE_V1_MULTIPROCESSING=0"],
-        metavar="KEY=VALUE",
-        help="environment for all targets (repeatable)",
-    )
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s")
-    p.add_argument("--stall-timeout", type=float, default=60.0)
+    add_server_args(p)
     p.add_argument("--out", type=Path, default=Path("results/compare"))
     add_workload_args(p)
     add_load_args(p)

@@ -37,7 +37,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from loadtest import DEMO_MODEL_NAME
 from loadtest.bench import add_load_args, add_workload_args, bench_endpoint, level_size, sweep
 from loadtest.client import ChatClient, list_models
 from loadtest.compare import DEMO_MODEL_DIR, build_demo_model
@@ -53,7 +52,7 @@ from loadtest.personas_report import (
 )
 from loadtest.report import format_table, write_outputs
 from loadtest.runner import run_level
-from loadtest.servers import ServerProcess, engine_flags, free_port, ours_command
+from loadtest.servers import ServerProcess, add_server_args, engine_flags, free_port, ours_command
 from loadtest.workload import IntRange, build_workload, persona_adapter_names
 
 # vLLM's allowed --max-lora-rank values: the engine's slots are sized to the cap, not the rank.
@@ -80,7 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"base model: a local Llama-shaped folder (default: the demo model, {DEMO_MODEL_DIR})",
     )
-    p.add_argument("--served-model-name", default=DEMO_MODEL_NAME)
     p.add_argument("--personas", type=int, default=8, metavar="N", help="adapters (default 8)")
     p.add_argument("--lora-rank", type=int, default=8, help="rank of each adapter (default 8)")
     p.add_argument(
@@ -95,34 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where to build the adapters (default: a temporary folder, removed afterwards)",
     )
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument(
-        "--kv-cache-memory-bytes", type=int, default=1 << 30, help="0 to leave unset (GPU)"
-    )
-    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument(
-        "--engine-args",
-        default="--enable-prefix-caching",
-        help="more engine flags, one string (default '--enable-prefix-caching')",
-    )
-    p.add_argument("--ours-cmd", default=None, help="command that starts our server")
-    p.add_argument(
-        "--env",
-        action="append",
-        default=["VLLM_ENABLE_V1_MULTIPROCESSING=0"],
-        metavar="KEY=VALUE",
-        help="server environment (repeatable; a later KEY wins over the default)",
-    )
-    p.add_argument("--rounds", type=int, default=2, help="A/B rounds (default 2)")
     p.add_argument(
         "--budget-s",
         type=float,
         default=None,
         help="seconds for the whole run; a round that would not fit is not started",
     )
-    p.add_argument("--ready-timeout", type=float, default=600.0)
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s")
-    p.add_argument("--stall-timeout", type=float, default=60.0)
+    add_server_args(p)
     p.add_argument("--out", type=Path, default=Path("results/personas"))
     add_workload_args(p, max_tokens=IntRange(16, 64))
     add_load_args(p)

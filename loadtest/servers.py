@@ -6,6 +6,7 @@ so that stopping it also stops anything it spawned (vLLM's engine-core process).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shlex
@@ -19,6 +20,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
+
+from loadtest import DEMO_MODEL_NAME
 
 
 def _die_with_parent() -> None:
@@ -197,3 +200,37 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a run that starts servers on one model: engine flags, commands, timeouts
+    (``loadtest.compare`` and ``loadtest.personas``)."""
+    p.add_argument("--served-model-name", default=DEMO_MODEL_NAME)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument(
+        "--kv-cache-memory-bytes",
+        type=int,
+        default=1 << 30,
+        help="KV cache size for every server (default 1 GiB); 0 to leave unset (GPU)",
+    )
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--engine-args",
+        default="--enable-prefix-caching",
+        help="more engine flags for every server, one string "
+        "(default: '--enable-prefix-caching', our server's default, made explicit)",
+    )
+    p.add_argument(
+        "--ours-cmd", default=None, help="command that starts our server (default: python -m serve)"
+    )
+    p.add_argument("--rounds", type=int, default=2, help="A/B rounds (default 2)")
+    p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--env",
+        action="append",
+        default=["VLLM_ENABLE_V1_MULTIPROCESSING=0"],
+        metavar="KEY=VALUE",
+        help="environment for every server (repeatable; a later KEY wins)",
+    )
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s")
+    p.add_argument("--stall-timeout", type=float, default=60.0)

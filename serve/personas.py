@@ -17,6 +17,7 @@ import itertools
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,16 @@ class Personas:
         root = settings.lora_adapter_root
         self._root = root.expanduser().resolve() if root is not None else None
         self.runtime_updates = settings.allow_runtime_lora_updating
-        self._adapters: dict[str, Adapter] = {}
-        self._parents: dict[str, str] = {}
-        self._created: dict[str, int] = {}
+        # Each persona's adapter and its /v1/models entry, in load order.
+        self._loaded: dict[str, _Persona] = {}
         # Ids count from 1 in --lora-modules order, so every front-end process of one server
         # (--api-server-count) gives a static persona the same id in the shared engine core.
         self._ids = itertools.count(1)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._labels: set[str] = set(self._base_names[: settings.max_model_labels])
         self._max_labels = settings.max_model_labels
-        self._started = int(time.time())
+        started = int(time.time())
+        self._base_cards = [_card(name, started, None) for name in self._base_names]
 
     async def start(self) -> None:
         """Load the ``--lora-modules`` personas; any that cannot load stops the start-up."""
@@ -58,10 +59,10 @@ class Personas:
 
     def resolve(self, name: str) -> Adapter | None:
         """The adapter a request's ``model`` names (None for the base model); 404 if neither."""
-        adapter = self._adapters.get(name)
-        if adapter is None and name not in self._base_names:
+        persona = self._loaded.get(name)
+        if persona is None and name not in self._base_names:
             raise model_not_found(name)
-        return adapter
+        return persona.adapter if persona is not None else None
 
     def label(self, name: str) -> str:
         """The metrics' ``model`` label of a served name: bounded by ``--max-model-labels``."""
@@ -74,22 +75,18 @@ class Personas:
 
     def cards(self) -> list[dict[str, Any]]:
         """``/v1/models`` entries: base models, then personas with their ``parent``."""
-        cards = [_card(name, self._started, None) for name in self._base_names]
-        cards += [_card(name, self._created[name], self._parents[name]) for name in self._adapters]
-        return cards
+        return self._base_cards + [persona.card for persona in self._loaded.values()]
 
     # -- runtime updates (POST /v1/load_lora_adapter, /v1/unload_lora_adapter) -----------
 
     async def load(self, name: str, path: str, *, inplace: bool = False) -> None:
         self.check_runtime_updates()
-        if not name or not path:
-            raise invalid_request("Both `lora_name` and `lora_path` must be given.")
         if name in self._base_names:
             raise invalid_request(
                 f"The adapter name `{name}` is a served base model's name.", param="lora_name"
             )
         async with self._locks[name]:
-            if name in self._adapters and not inplace:
+            if name in self._loaded and not inplace:
                 raise invalid_request(
                     f"The adapter `{name}` is already loaded: unload it first, or set "
                     "`load_inplace` to replace it.",
@@ -101,18 +98,14 @@ class Personas:
 
     async def unload(self, name: str) -> None:
         self.check_runtime_updates()
-        if not name:
-            raise invalid_request("`lora_name` must be given.", param="lora_name")
         async with self._locks[name]:
-            if self._adapters.pop(name, None) is None:
+            if self._loaded.pop(name, None) is None:
                 raise APIError(
                     404,
                     f"The adapter `{name}` is not loaded.",
                     param="lora_name",
                     code="adapter_not_found",
                 )
-            self._parents.pop(name, None)
-            self._created.pop(name, None)
         log.info("persona %s unloaded", name)
 
     def check_runtime_updates(self) -> None:
@@ -151,10 +144,14 @@ class Personas:
             await self._engine.load_adapter(adapter)
         except Exception as exc:
             raise to_api_error(exc) from exc
-        self._adapters[name] = adapter
-        base = module.base_model_name if module is not None else None
-        self._parents[name] = base or self._base_names[0]
-        self._created[name] = int(time.time())
+        parent = (module.base_model_name if module is not None else None) or self._base_names[0]
+        self._loaded[name] = _Persona(adapter, _card(name, int(time.time()), parent))
+
+
+@dataclass(frozen=True, slots=True)
+class _Persona:
+    adapter: Adapter
+    card: dict[str, Any]  # its /v1/models entry
 
 
 def _card(name: str, created: int, parent: str | None) -> dict[str, Any]:
