@@ -93,7 +93,7 @@ async def parsed_frames(
     p: Prepared, delta: Delta, stream: AsyncGenerator[Delta, None], record: RequestRecord
 ) -> AsyncGenerator[bytes, None]:
     """Frames of a parsed answer, each kind of its own (some clients read one field per
-    chunk): thoughts as ``reasoning_content``, spoken text as ``content``, each tool-call
+    chunk): thoughts as ``reasoning``, spoken text as ``content``, each tool-call
     fragment alone; the finish reason in a last frame with an empty delta."""
     fmt = p.format
     clock = time.perf_counter

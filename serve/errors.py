@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import orjson
 
-from serve.engine.base import EngineDeadError, EngineInputError
+from serve.engine.base import EngineDeadError, EngineInputError, EngineRequestError
 
 
 class APIError(Exception):
@@ -121,6 +121,13 @@ def to_api_error(exc: BaseException) -> APIError:
         return unavailable(str(exc), exc.reason)
     if isinstance(exc, EngineDeadError):
         return unavailable("The model engine is not running; retry shortly.", "engine_dead")
+    if isinstance(exc, EngineRequestError):
+        return APIError(
+            500,
+            "The engine failed to finish this generation; retry the request.",
+            type="server_error",
+            code="engine_error",
+        )
     if isinstance(exc, EngineInputError):
         message = f"{exc}." if exc.public else "The engine rejected the request's input."
         return invalid_request(message, param=exc.param, code="invalid_input")

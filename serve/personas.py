@@ -4,19 +4,22 @@ A persona is a LoRA adapter over the base model. Those named by ``--lora-modules
 start-up (a bad one fails the start); with ``--allow-runtime-lora-updating`` a key holder may
 load and unload more, from folders under ``--lora-adapter-root`` only.
 
-Each load gets a new engine id, so a request keeps the adapter it started with: unloading or
-reloading a name never disturbs a stream in flight; the engine's own LRU cache
-(``--max-cpu-loras``) frees weights no request uses. One ``Personas`` is shared by the
+Each load gets a new engine id, and every load after a name's first a new engine name too, so a
+request keeps the adapter it started with: unloading or reloading a name never disturbs a stream
+in flight, never mixes two loads' weights in one batch, and never serves KV blocks computed with
+an earlier load's weights; the engine's own LRU cache (``--max-cpu-loras``) frees weights no
+request uses. One ``Personas`` is shared by the
 requests of a process; it holds only the catalogue, never per-request state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
-from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,13 @@ class Personas:
         # Ids count from 1 in --lora-modules order, so every front-end process of one server
         # (--api-server-count) gives a static persona the same id in the shared engine core.
         self._ids = itertools.count(1)
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Every engine name given in this process: never given twice, so a later load of a
+        # public name gets one of its own. Grows only with successful loads, which need the key.
+        self._engine_names: set[str] = set()
+        # Updates of one name run one at a time; of different names, side by side (a slow load
+        # must not hold up the unload of another persona). A name's lock lives only while an
+        # update of it runs or waits: a table that kept every name sent would grow for ever.
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._labels: set[str] = set(self._base_names[: settings.max_model_labels])
         self._max_labels = settings.max_model_labels
         started = int(time.time())
@@ -85,7 +94,8 @@ class Personas:
             raise invalid_request(
                 f"The adapter name `{name}` is a served base model's name.", param="lora_name"
             )
-        async with self._locks[name]:
+        folder = self._under_root(path)
+        async with self._updating(name):
             if name in self._loaded and not inplace:
                 raise invalid_request(
                     f"The adapter `{name}` is already loaded: unload it first, or set "
@@ -93,12 +103,13 @@ class Personas:
                     param="lora_name",
                     code="adapter_exists",
                 )
-            await self._load(name, self._under_root(path), None)
-        log.info("persona %s loaded at runtime from %s", name, path)
+            await self._load(name, folder, None)
+        # The resolved folder, quoted: the client's text never reaches the log as it was sent.
+        log.info("persona %s loaded at runtime from %r", name, str(folder))
 
     async def unload(self, name: str) -> None:
         self.check_runtime_updates()
-        async with self._locks[name]:
+        async with self._updating(name):
             if self._loaded.pop(name, None) is None:
                 raise APIError(
                     404,
@@ -107,6 +118,18 @@ class Personas:
                     code="adapter_not_found",
                 )
         log.info("persona %s unloaded", name)
+
+    @contextlib.asynccontextmanager
+    async def _updating(self, name: str) -> AsyncIterator[None]:
+        lock, users = self._locks.setdefault(name, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[name]
 
     def check_runtime_updates(self) -> None:
         if not self.runtime_updates:
@@ -118,18 +141,38 @@ class Personas:
             )
 
     def _under_root(self, path: str) -> Path:
-        """The adapter folder ``path`` names, refused unless it lies under the root."""
+        """The adapter folder ``path`` names, refused unless it lies under the root.
+
+        The path is the client's text: it is never ``~``-expanded (``~user`` would tell which
+        local users exist), and one the OS cannot take (a NUL byte, a lone surrogate, a name
+        too long, a link loop) is the client's error, not the server's.
+        """
         assert self._root is not None  # settings require a root for runtime updates
-        given = Path(path).expanduser()
-        folder = (given if given.is_absolute() else self._root / given).resolve()
-        if not folder.is_relative_to(self._root):
+        if any(ch < " " or ch == "\x7f" for ch in path):
+            raise invalid_request(
+                "`lora_path` must not hold control characters.",
+                param="lora_path",
+                code="invalid_value",
+            )
+        try:
+            given = Path(path)
+            folder = (given if given.is_absolute() else self._root / given).resolve()
+            inside = folder.is_relative_to(self._root)
+            found = inside and folder.is_dir()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise invalid_request(
+                "`lora_path` is not a path this server can open.",
+                param="lora_path",
+                code="invalid_value",
+            ) from exc
+        if not inside:
             raise invalid_request(
                 "`lora_path` must lie under the server's adapter root "
                 "(--lora-adapter-root); give it relative to that folder.",
                 param="lora_path",
                 code="path_outside_root",
             )
-        if not folder.is_dir():
+        if not found:
             raise invalid_request(
                 f"No adapter folder at `{path}` under the adapter root.",
                 param="lora_path",
@@ -138,12 +181,21 @@ class Personas:
         return folder
 
     async def _load(self, name: str, folder: Path, module: LoRAModule | None) -> None:
-        adapter = Adapter(name=name, path=str(folder), id=next(self._ids))
+        engine_id = next(self._ids)
+        # A name's first load keeps the name in the engine, so vLLM's adapter metrics (read by
+        # the gateway's LoRA affinity) say the persona's name; later loads get one of their own.
+        engine_name = name
+        if engine_name in self._engine_names:
+            engine_name = f"{name} #{engine_id}"
+        while engine_name in self._engine_names:  # a public name may look like one
+            engine_name += "#"
+        adapter = Adapter(name=name, path=str(folder), id=engine_id, engine_name=engine_name)
         # The engine reads and checks the files; what it refuses becomes a 400 for the client.
         try:
             await self._engine.load_adapter(adapter)
         except Exception as exc:
             raise to_api_error(exc) from exc
+        self._engine_names.add(engine_name)
         parent = (module.base_model_name if module is not None else None) or self._base_names[0]
         self._loaded[name] = _Persona(adapter, _card(name, int(time.time()), parent))
 

@@ -85,11 +85,17 @@ class ChunkFormat:
         return b"".join((start, _dumps(text), self._close, _dumps(finish_reason), b"}]}\n\n"))
 
     def reasoning_frame(self, text: str, first: bool) -> bytes:
-        """Thoughts, in vLLM's ``reasoning_content`` field: never ``content``, never spoken."""
+        """Thoughts, never ``content``, never spoken: in ``reasoning`` (the field of the vLLM we
+        pin) and again in ``reasoning_content`` (the older vLLM's and DeepSeek's, which clients
+        written against them read)."""
         role = self._role if first else b""
+        thoughts = _dumps(text)
         return b"".join(
-            (self._choice, role, b'"reasoning_content":', _dumps(text), self._open_tail)
-        )
+            (
+                self._choice, role, b'"reasoning":', thoughts, b',"reasoning_content":', thoughts,
+                self._open_tail,
+            )
+        )  # fmt: skip
 
     def tool_call_frame(self, call: ToolCallDelta, first: bool) -> bytes:
         """One tool-call fragment in OpenAI's shape: a call opens with its index, id, type and
@@ -156,7 +162,8 @@ class ChunkFormat:
             "content": text if text or not tool_calls else None,
         }
         if reasoning is not None:
-            message["reasoning_content"] = reasoning or None
+            # Both names, as in the frames: vLLM's current one and the older one.
+            message["reasoning"] = message["reasoning_content"] = reasoning or None
         if tool_calls:
             message["tool_calls"] = tool_calls
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}

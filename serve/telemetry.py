@@ -6,6 +6,11 @@ and tests need no before/after deltas. vLLM registers its ``vllm:*`` metrics, an
 prometheus_client its ``process_*`` ones, in the process-wide default registry; ``/metrics``
 exports both registries, so existing vLLM dashboards keep working. Aborted and failed requests
 land in the latency histograms too, labelled with their finish reason.
+
+Series are bounded: the ``model`` label (at most ``--max-model-labels`` values) rides only on
+the histograms a persona's operator acts on, time to first token and request latency (every
+request, by persona), and on the queue wait; the rest are by endpoint and finish reason. No
+``_created`` series are written. The worst case is in the README (and checked by a test).
 """
 
 from __future__ import annotations
@@ -16,7 +21,14 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -77,7 +89,11 @@ TTFT_STAGES = {
 }
 
 REJECT_REASONS = ("overload", "auth", "validation", "draining", "queue_timeout", "too_large")
-FINISH_REASONS = ("stop", "length", "abort", "error")
+FINISH_REASONS = ("stop", "length", "tool_calls", "abort", "error")
+
+# A `_created` sample per label set and family would add one series to every histogram's and
+# counter's label set, and nothing reads them (process-wide: vLLM's families lose them too).
+disable_created_metrics()
 
 
 class EngineState(Protocol):
@@ -110,7 +126,10 @@ class Metrics:
         self.registry = registry
         self.multiprocess = multiprocess
         self._engine: EngineState | None = None
+        # The model label multiplies a family's series by up to --max-model-labels: only where
+        # an operator acts per persona (its TTFT, its requests' latency, its queue wait).
         labels = ("endpoint", "model", "finish_reason")
+        by_finish = ("endpoint", "finish_reason")
         self.ttft = Histogram(
             "avatar_time_to_first_token_seconds",
             "From HTTP request arrival to the first content byte leaving the server.",
@@ -119,12 +138,12 @@ class Metrics:
         self.ttfs = Histogram(
             "avatar_time_to_first_sentence_seconds",
             "From arrival to the first sentence end (. ! ? or newline): when TTS can speak.",
-            labels, buckets=TTFT_BUCKETS, registry=registry,
+            by_finish, buckets=TTFT_BUCKETS, registry=registry,
         )  # fmt: skip
         self.itl = Histogram(
             "avatar_inter_token_latency_seconds",
             "Gap between successive streamed content frames.",
-            labels, buckets=ITL_BUCKETS, registry=registry,
+            by_finish, buckets=ITL_BUCKETS, registry=registry,
         )  # fmt: skip
         self.e2e = Histogram(
             "avatar_e2e_request_latency_seconds",
@@ -147,21 +166,21 @@ class Metrics:
             "avatar_reasoning_seconds",
             "How long an answer thought before it spoke or called a tool (first to last "
             "reasoning frame); only answers that reasoned (--reasoning-parser).",
-            labels, buckets=E2E_BUCKETS, registry=registry,
+            by_finish, buckets=E2E_BUCKETS, registry=registry,
         )  # fmt: skip
         self.reasoning_tokens = Histogram(
             "avatar_reasoning_tokens",
             "Reasoning tokens per answer that reasoned (never spoken; they delay the first "
             "spoken token).",
-            labels, buckets=TOKEN_BUCKETS, registry=registry,
+            by_finish, buckets=TOKEN_BUCKETS, registry=registry,
         )  # fmt: skip
         self.prompt_tokens_hist = Histogram(
             "avatar_request_prompt_tokens", "Prompt tokens per request.",
-            labels, buckets=TOKEN_BUCKETS, registry=registry,
+            by_finish, buckets=TOKEN_BUCKETS, registry=registry,
         )  # fmt: skip
         self.output_tokens_hist = Histogram(
             "avatar_request_generation_tokens", "Generated tokens per request.",
-            labels, buckets=TOKEN_BUCKETS, registry=registry,
+            by_finish, buckets=TOKEN_BUCKETS, registry=registry,
         )  # fmt: skip
         self.requests = Counter(
             "avatar_requests", "Finished requests by endpoint, HTTP status and finish reason.",
@@ -398,25 +417,26 @@ class RequestRecord:
         now = time.perf_counter() if now is None else now
         reason = self.finish_reason or "error"
         labels = (self.endpoint, self.model_label, reason)
+        by_finish = (self.endpoint, reason)
         if self.first_token is not None:
             metrics.ttft.labels(*labels).observe(self.first_token - self.arrival)
             for stage, seconds in self.ttft_stages():
                 metrics.ttft_stage.labels(self.endpoint, stage).observe(seconds)
         if self.first_sentence is not None:
-            metrics.ttfs.labels(*labels).observe(self.first_sentence - self.arrival)
+            metrics.ttfs.labels(*by_finish).observe(self.first_sentence - self.arrival)
         if self.reasoning_seconds is not None:
-            metrics.reasoning.labels(*labels).observe(self.reasoning_seconds)
-            metrics.reasoning_tokens.labels(*labels).observe(self.reasoning_tokens or 0)
+            metrics.reasoning.labels(*by_finish).observe(self.reasoning_seconds)
+            metrics.reasoning_tokens.labels(*by_finish).observe(self.reasoning_tokens or 0)
         if self.gaps:
-            observe_all(metrics.itl.labels(*labels), self.gaps)
+            observe_all(metrics.itl.labels(*by_finish), self.gaps)
         metrics.e2e.labels(*labels).observe(now - self.arrival)
         if self.queued is not None:
             # A request refused after waiting (queue timeout, client gone) waited too.
             waited = (self.admitted or now) - self.queued
             metrics.queue_wait.labels(self.endpoint, self.model_label).observe(waited)
         if self.admitted is not None:
-            metrics.prompt_tokens_hist.labels(*labels).observe(self.prompt_tokens)
-            metrics.output_tokens_hist.labels(*labels).observe(self.output_tokens)
+            metrics.prompt_tokens_hist.labels(*by_finish).observe(self.prompt_tokens)
+            metrics.output_tokens_hist.labels(*by_finish).observe(self.output_tokens)
             metrics.prompt_tokens.inc(self.prompt_tokens)
             metrics.generation_tokens.inc(self.output_tokens)
         metrics.requests.labels(self.endpoint, str(self.status), reason).inc()

@@ -95,13 +95,18 @@ class ToolCallDelta:
 class Adapter:
     """A LoRA adapter the engine applies to one request: a persona over the base model.
 
-    ``id`` is the engine's key for the loaded weights; a new load of a name gets a new id, so a
-    request in flight keeps the weights it started with while the name moves on.
+    ``name`` is the persona's public name (what a request's ``model`` says). ``id`` is the
+    engine's key for the loaded weights and ``engine_name`` its name for them: a new load of a
+    public name gets a new id *and* a new engine name, because vLLM tells adapters in a batch
+    apart by name, and keys its prefix cache by it. A request in flight keeps the weights it
+    started with while the public name moves on, and no request reuses KV blocks computed with
+    an earlier load's weights.
     """
 
     name: str
     path: str
     id: int
+    engine_name: str
 
 
 @dataclass(slots=True)
@@ -109,7 +114,8 @@ class Delta:
     """What one engine step added to one request: new text, never the text so far.
 
     ``finish_reason`` is set on the last delta only: "stop", "length", "abort", or "tool_calls"
-    (the answer called tools). ``num_prompt_tokens`` and ``num_cached_tokens`` (prompt tokens
+    (the answer called tools). An engine that fails the request raises ``EngineRequestError``
+    instead of finishing it. ``num_prompt_tokens`` and ``num_cached_tokens`` (prompt tokens
     served from the prefix cache) are set on the first delta, and ``engine_times`` on it when the
     engine keeps them: when it queued the request, first scheduled it and made its first token,
     on the clock of ``time.perf_counter`` (the TTFT breakdown reads them).
@@ -136,6 +142,12 @@ class EngineError(Exception):
 
 class EngineDeadError(EngineError):
     """The engine has died; no request can be served until the process restarts."""
+
+
+class EngineRequestError(EngineError):
+    """The engine failed one request and serves on (vLLM ends such a request with finish
+    reason "error": a grammar that failed, a KV transfer that failed, an input it could not
+    process). Never a normal finish: the client must see an error, and may retry."""
 
 
 class EngineInputError(EngineError):

@@ -1,8 +1,9 @@
 """A deterministic engine for HTTP-layer unit tests: no model, no vLLM, millisecond start.
 
 Each prompt token is one whitespace-separated word; the reply cycles through ``WORDS``. Tests can
-slow it down (``token_delay``), hold it before the first token (``first_token_gate``), kill it
-(``kill()``), and read which requests it saw and which were aborted.
+slow it down (``token_delay``), hold it before the first token (``first_token_gate``), fail a
+request after some tokens as vLLM fails one (``fail_after``), kill it (``kill()``), and read
+which requests it saw and which were aborted.
 
 Agent tests give it a tokenizer (the demo model's) and a ``script``: the reply is then exactly
 those text chunks, one engine step each, and a chat answer is parsed by vLLM's own tool-call and
@@ -25,6 +26,7 @@ from serve.engine.base import (
     Delta,
     EngineDeadError,
     EngineInputError,
+    EngineRequestError,
     SamplingOptions,
 )
 
@@ -46,6 +48,8 @@ class FakeEngine:
         self._vocab_size = vocab_size
         self.token_delay = token_delay
         self.first_token_gate: asyncio.Event | None = None
+        # Tokens after which every request fails as vLLM fails one (finish reason "error").
+        self.fail_after: int | None = None
         self._alive = True
         self._unfinished: set[str] = set()
         self.seen: list[tuple[str, list[int], SamplingOptions]] = []
@@ -158,6 +162,9 @@ class FakeEngine:
                     await asyncio.sleep(0)
                 if not self._alive:
                     raise EngineDeadError("the engine is not running")
+                if i == self.fail_after:
+                    finished = True  # the engine ended it, not the client
+                    raise EngineRequestError(f"the engine failed request {request_id}")
                 word = WORDS[i % len(WORDS)]
                 text_so_far += word
                 stop_hit = next((s for s in options.stop if s in text_so_far), None)

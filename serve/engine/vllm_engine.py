@@ -32,6 +32,7 @@ from serve.engine.base import (
     Delta,
     EngineDeadError,
     EngineInputError,
+    EngineRequestError,
     SamplingOptions,
 )
 from serve.engine.vllm_agents import ChatSupport, TurnParser, structured_outputs
@@ -204,6 +205,10 @@ class VllmEngine:
             async for out in stream:
                 completion = out.outputs[0]
                 reason = completion.finish_reason if out.finished else None
+                if reason == "error":
+                    # vLLM's request-scoped failure (grammar, KV load, preprocessing): the
+                    # engine serves on, but this answer is lost and must not look finished.
+                    raise EngineRequestError(f"the engine failed request {request_id}")
                 if parser is None:
                     delta = Delta(completion.text, len(completion.token_ids), reason)
                 else:
@@ -269,7 +274,11 @@ class VllmEngine:
 
 
 def _lora_request(adapter: Adapter) -> LoRARequest:
-    return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.id, lora_path=adapter.path)
+    # vLLM identifies an adapter by lora_name (LoRARequest.__eq__/__hash__, the batch's set of
+    # active adapters, the prefix-cache key): each load's engine name is its own.
+    return LoRARequest(
+        lora_name=adapter.engine_name, lora_int_id=adapter.id, lora_path=adapter.path
+    )
 
 
 def _worker_error(exc: Exception) -> str:

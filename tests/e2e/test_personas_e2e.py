@@ -248,3 +248,79 @@ def test_metrics_and_log_name_the_persona(persona_server: ServerProcess) -> None
     log = persona_server.log()
     assert '"model":"tutor"' in log
     assert "personas (send one as `model`): tutor, guide" in log  # the start-up hint
+
+
+LONG_PROMPT = [
+    {"role": "system", "content": "You are a museum guide. " * 60},  # whole prefix-cache blocks
+    {"role": "user", "content": "Hello! Where is the museum?"},
+]
+
+
+def long_answer(srv: ServerProcess, model: str) -> str:
+    body = {"model": model, "messages": LONG_PROMPT, "max_tokens": 16, "temperature": 0}
+    r = httpx.post(f"{srv.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def test_a_reload_in_place_under_load_keeps_the_engine_and_serves_the_new_weights(
+    persona_server: ServerProcess, adapter_root: Path
+) -> None:
+    """vLLM tells adapters apart by name. A persona reloaded in place while its old weights
+    still stream must reach the engine as another adapter: with --max-loras 2 and two persona
+    streams running, a request on the reloaded persona once made the engine core activate one
+    of two same-named adapters and die (KeyError in its LoRA mapping). And a reload from the
+    same folder with new weights must not be served KV blocks its old weights computed."""
+    load = "/v1/load_lora_adapter"
+    # The reference: the spare weights under a name of their own, one request at a time.
+    ref = {"lora_name": "ref", "lora_path": "spare"}
+    assert post(persona_server, load, ref, headers=AUTH).status_code == 200
+    expected = answer(persona_server, "ref")
+    expected_long = long_answer(persona_server, "ref")
+
+    started: list[str] = []
+
+    def stream(model: str) -> str:
+        body = {"model": model, "messages": HELLO, "max_tokens": 384, "temperature": 0,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+        last = ""
+        with httpx.stream(
+            "POST", f"{persona_server.base_url}/v1/chat/completions",
+            json=body, headers=AUTH, timeout=180,
+        ) as r:  # fmt: skip
+            for line in r.iter_lines():
+                if line.startswith("data: {") and model not in started:
+                    started.append(model)
+                last = line or last
+        return last
+
+    with ThreadPoolExecutor(2) as pool:
+        streams = [pool.submit(stream, m) for m in ("tutor", "guide")]  # both LoRA slots
+        wait_until(lambda: len(started) == 2, 60, what="two persona streams under way")
+        body = {"lora_name": "tutor", "lora_path": "spare", "load_inplace": True}
+        reloaded = post(persona_server, load, body, headers=AUTH)
+        assert reloaded.status_code == 200, reloaded.text
+        assert not all(f.done() for f in streams), "the streams ended before the reload"
+        during = answer(persona_server, "tutor")  # waits for a LoRA slot, then runs
+        ends = [f.result(timeout=180) for f in streams]
+    assert ends == ["data: [DONE]", "data: [DONE]"]
+    assert httpx.get(f"{persona_server.base_url}/health", timeout=10).status_code == 200
+    assert during == expected
+
+    # Same folder, new weights: copy the tutor's, warm the prefix cache, then overwrite.
+    mutable = adapter_root / "mutable"
+    shutil.rmtree(mutable, ignore_errors=True)
+    shutil.copytree(adapter_root / "guide", mutable)
+    mut = {"lora_name": "mut", "lora_path": "mutable"}
+    assert post(persona_server, load, mut, headers=AUTH).status_code == 200
+    before = long_answer(persona_server, "mut")
+    assert before != expected_long  # other weights, another answer
+    shutil.rmtree(mutable)
+    shutil.copytree(adapter_root / "spare", mutable)
+    body = {"lora_name": "mut", "lora_path": "mutable", "load_inplace": True}
+    assert post(persona_server, load, body, headers=AUTH).status_code == 200
+    assert long_answer(persona_server, "mut") == expected_long
+
+    # Put the module's personas back as they were.
+    back = {"lora_name": "tutor", "lora_path": "tutor", "load_inplace": True}
+    assert post(persona_server, load, back, headers=AUTH).status_code == 200
