@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # Bump when the build changes in a way the fingerprint below cannot see (the weights' shape or
@@ -206,17 +207,18 @@ def build(out_dir: str | os.PathLike[str]) -> Path:
         assert isinstance(bos, int) and isinstance(eos, int)
         _build_weights(staging, len(tok), bos, eos)
         (staging / _MARKER).write_text(fingerprint())
-        _install(staging, target)
+        install_build(staging, target, is_built)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _install(staging: Path, target: Path) -> None:
+def install_build(staging: Path, target: Path, is_current: Callable[[Path], bool]) -> None:
     """Swap the new build in. Test runs and servers share one cache folder, so another process
     may be building the same model at the same moment: the old folder is moved aside rather
-    than deleted in place, and a current build that won the race is kept."""
+    than deleted in place, and a build that won the race is kept if ``is_current`` says it is
+    current. The Qwen3 demo model (serve/demo_qwen3.py) is installed the same way."""
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=".demo-model-old-", dir=target.parent))
@@ -225,7 +227,7 @@ def _install(staging: Path, target: Path) -> None:
     try:
         staging.rename(target)
     except OSError:
-        if not is_built(target):  # someone else's build landed, and it is not current
+        if not is_current(target):  # someone else's build landed, and it is not current
             raise
     finally:
         if old is not None:
