@@ -1,4 +1,5 @@
-"""Helpers shared by the test suites: a real server process, free ports, metric reading."""
+"""Helpers shared by the test suites: real server processes (started ahead of their tests where
+the run plans them), free ports, metric reading."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -72,22 +74,180 @@ def server_command(port: int, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@contextlib.contextmanager
-def running_server(
-    log_path: Path, *extra: str, ready_timeout: float = 240.0, env: dict[str, str] | None = None
-) -> Iterator[ServerProcess]:
-    """Start ``python -m serve`` on a free loopback port; stop it (SIGTERM, then SIGKILL) after."""
+# Windows wide enough for a loaded 2-core machine: the admission test must see the waiting request
+# while it waits, and the running ones must outlive the queue timeout before their deadline cuts
+# them.
+LIMITED_QUEUE_TIMEOUT_S = 5
+SOAK_API_KEY = "soak-test-key"
+
+# The flags of the server fixtures, by fixture name (tests/conftest.py, tests/e2e/conftest.py,
+# tests/loadtest/test_soak.py): tests/conftest.py plans them, and starts each ahead of its first
+# test.
+SERVER_FIXTURES: dict[str, tuple[str, ...]] = {
+    # Tools and structured output need the tool flags; plain chat is not parsed, so the same
+    # server serves the chat, production, hostile-input and load-tool tests.
+    "server": (
+        "--api-key", TEST_API_KEY, "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+    ),
+    # Admission limits. No tool or reasoning parser: forced calls here take vLLM's generic
+    # JSON route (tests/e2e/test_tools_e2e.py).
+    "limited_server": (
+        "--max-running-requests", "2", "--max-waiting-requests", "1",
+        "--queue-timeout", str(LIMITED_QUEUE_TIMEOUT_S), "--max-request-duration", "15",
+    ),
+    "reasoning_server": ("--reasoning-parser", "deepseek_r1"),
+    # Room for 2 running and 2 waiting: the soak's bursts must draw 429s.
+    "small_server": (
+        "--max-running-requests", "2", "--max-waiting-requests", "2", "--api-key", SOAK_API_KEY,
+    ),
+}  # fmt: skip
+
+ServerKey = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
+
+
+def server_key(extra: tuple[str, ...], env: dict[str, str] | None = None) -> ServerKey:
+    return tuple(extra), tuple(sorted((env or {}).items()))
+
+
+def _die_with_parent() -> None:
+    """In the server, before exec: SIGTERM when the test process dies, however it dies (a
+    server started ahead of its test must not outlive a killed run)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _in_the_background() -> None:
+    """In a server started ahead of its test, before exec: the lowest CPU priority, so that its
+    start-up takes only what the running tests leave idle (a crowded machine once let a
+    3,000-token stream finish before a test could kill its engine)."""
+    _die_with_parent()
+    os.nice(19)
+
+
+def _to_the_foreground(proc: subprocess.Popen[bytes]) -> None:
+    """Back to normal priority (the server leads its process group: engine core included), for
+    its test. Raising a priority needs root; elsewhere it stays low, as its neighbours do."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PGRP, proc.pid, 0)
+
+
+@dataclass
+class _Started:
+    key: ServerKey
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    log_file: IO[bytes]
+
+
+def _start(log_path: Path, key: ServerKey, *, ahead: bool = False) -> _Started:
+    """Start ``python -m serve`` on a free loopback port (returns at once)."""
     port = free_port()
     log_file = log_path.open("wb")
+    extra, env = key
+    preexec = _in_the_background if ahead else _die_with_parent
     proc = subprocess.Popen(
         server_command(port, *extra),
         stdout=log_file,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **dict(env)},
         start_new_session=True,
+        preexec_fn=preexec if sys.platform == "linux" else None,
     )
-    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    return _Started(key, proc, port, log_path, log_file)
+
+
+@dataclass
+class Planned:
+    key: ServerKey
+    last_user: str  # the test after which nobody will claim it
+
+
+class ServerPool:
+    """Servers started ahead of the tests that will use them, at most ``ahead`` at a time.
+
+    An engine takes half a minute to start, most of it importing in three processes one after
+    another. Started while earlier tests run, at the lowest CPU priority, it is ready when its
+    test asks. ``running_server`` takes a started one with the same flags, or starts its own.
+    Each server still serves exactly one ``running_server`` block, as if that block had started
+    it. A planned server that its last user did not take (flags changed) is stopped then.
+    """
+
+    def __init__(self, log_dir: Path, plan: list[Planned], ahead: int) -> None:
+        self.log_dir = log_dir
+        self.plan = plan
+        self.ahead = ahead
+        self.next = 0
+        self.waiting: list[tuple[Planned, _Started]] = []
+        self.unused: list[Planned] = []
+
+    def advance(self) -> None:
+        """Start the next planned servers while fewer than ``ahead`` wait unclaimed."""
+        if self.next < len(self.plan):
+            DEMO_MODEL_DIR.parent.mkdir(parents=True, exist_ok=True)
+            from serve.demo_model import ensure_built
+
+            ensure_built(DEMO_MODEL_DIR)  # once, rather than by every server starting at once
+        while self.next < len(self.plan) and len(self.waiting) < self.ahead:
+            planned = self.plan[self.next]
+            self.next += 1
+            log_path = self.log_dir / f"server-{self.next}.log"
+            self.waiting.append((planned, _start(log_path, planned.key, ahead=True)))
+
+    def claim(self, key: ServerKey) -> _Started | None:
+        found = None
+        for entry in [e for e in self.waiting if e[0].key == key]:
+            self.waiting.remove(entry)
+            started = entry[1]
+            if started.proc.poll() is None:
+                _to_the_foreground(started.proc)
+                found = started
+                break
+            started.log_file.close()  # died waiting: the test starts its own, and shows why
+        self.advance()
+        return found
+
+    def finished(self, nodeid: str) -> None:
+        """After a test: stop what it was the last to need and did not take."""
+        for entry in [e for e in self.waiting if e[0].last_user == nodeid]:
+            self.waiting.remove(entry)
+            self._stop(entry)
+        self.advance()
+
+    def close(self) -> list[Planned]:
+        """Stop the servers nobody claimed; return every planned server nobody took."""
+        for entry in self.waiting:
+            self._stop(entry)
+        self.waiting = []
+        return self.unused
+
+    def _stop(self, entry: tuple[Planned, _Started]) -> None:
+        planned, started = entry
+        stop_process_group(started.proc)
+        started.log_file.close()
+        self.unused.append(planned)
+
+
+POOL: ServerPool | None = None  # set by tests/conftest.py for a run that plans servers
+
+
+@contextlib.contextmanager
+def running_server(
+    log_path: Path, *extra: str, ready_timeout: float = 240.0, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """Start ``python -m serve`` on a free loopback port (or take one the run started ahead with
+    the same flags); stop it (SIGTERM, then SIGKILL) after."""
+    key = server_key(extra, env)
+    started = POOL.claim(key) if POOL is not None else None
+    if started is None:
+        started = _start(log_path, key)
+    elif not log_path.exists():
+        log_path.symlink_to(started.log_path)  # the log where the test keeps its files
+    proc = started.proc
+    server = ServerProcess(proc, f"http://127.0.0.1:{started.port}", started.log_path)
     try:
 
         def ready() -> bool:
@@ -99,7 +259,7 @@ def running_server(
         yield server
     finally:
         stop_process_group(proc)
-        log_file.close()
+        started.log_file.close()
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

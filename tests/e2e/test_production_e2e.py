@@ -1,5 +1,6 @@
 """Production behaviour on the real vLLM CPU engine: clients giving up, hostile input, limits,
-access log, a real Prometheus scraping us. Drain and engine death are in their own modules
+access log, a real Prometheus scraping us. The run's shared server, and the shared one with
+admission limits (tests/e2e/conftest.py); drain and engine death are in their own modules
 because they end their server."""
 
 from __future__ import annotations
@@ -9,20 +10,18 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from hypothesis import HealthCheck, given, settings
 
+from tests.support import LIMITED_QUEUE_TIMEOUT_S as QUEUE_TIMEOUT_S
 from tests.support import (
     MODEL,
     TEST_API_KEY,
     ServerProcess,
     free_port,
     metric_value,
-    running_server,
     wait_until,
 )
 from tests.unit.test_fuzz import bodies, messages
@@ -202,22 +201,6 @@ async def test_access_log_has_ids_and_no_secrets(
     log_text = server.log()
     assert TEST_API_KEY not in log_text
     assert secret_prompt not in log_text
-
-
-# Windows wide enough for a loaded 2-core machine: the test must see the waiting request while
-# it waits, and the running ones must outlive the queue timeout before their deadline cuts them.
-QUEUE_TIMEOUT_S = 5
-
-
-@pytest.fixture(scope="module")
-def limited_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log_path = tmp_path_factory.mktemp("limited") / "server.log"
-    with running_server(
-        log_path,
-        "--max-running-requests", "2", "--max-waiting-requests", "1",
-        "--queue-timeout", str(QUEUE_TIMEOUT_S), "--max-request-duration", "15",
-    ) as srv:  # fmt: skip
-        yield srv
 
 
 async def test_admission_and_deadline(limited_server: ServerProcess) -> None:

@@ -1,5 +1,7 @@
 """Tool calls, structured output and the agent's history on the real engine and the demo model,
-through the official OpenAI SDK and LiveKit Agents' own OpenAI client.
+through the official OpenAI SDK and LiveKit Agents' own OpenAI client. The run's shared server
+has the tool flags (``--enable-auto-tool-choice --tool-call-parser hermes``); the other servers
+are in tests/e2e/conftest.py.
 
 The demo model's weights are random: what it writes is gibberish, but guided decoding must make
 every forced call's arguments valid JSON that matches the tool's schema. The schemas use enums
@@ -9,7 +11,6 @@ and maxLength, so a random model finishes a call in a few dozen tokens.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -18,7 +19,7 @@ import pytest
 from openai import AsyncOpenAI
 from pydantic import Field
 
-from tests.support import MODEL, TEST_API_KEY, ServerProcess, running_server
+from tests.support import MODEL, TEST_API_KEY, ServerProcess
 from tests.unit.agents import TOOL_HISTORY
 
 MOOD = {
@@ -45,14 +46,6 @@ NAMED = {"type": "function", "function": {"name": "set_mood"}}
 USER = [{"role": "user", "content": "Hello! How are you today?"}]
 
 
-@pytest.fixture(scope="module")
-def tool_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log_path = tmp_path_factory.mktemp("tools") / "server.log"
-    flags = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
-    with running_server(log_path, "--api-key", TEST_API_KEY, *flags) as srv:
-        yield srv
-
-
 def sdk(server: ServerProcess) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=server.base_url + "/v1", api_key=TEST_API_KEY, max_retries=0)
 
@@ -63,9 +56,9 @@ def assert_valid_call(name: str, arguments: str) -> None:
 
 
 @pytest.mark.parametrize("choice", ["required", NAMED], ids=["required", "named"])
-async def test_forced_calls_match_the_schema(tool_server: ServerProcess, choice: Any) -> None:
+async def test_forced_calls_match_the_schema(server: ServerProcess, choice: Any) -> None:
     for seed in range(6):
-        resp = await sdk(tool_server).chat.completions.create(
+        resp = await sdk(server).chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": f"Hello number {seed}!"}],  # type: ignore[list-item]
             tools=TOOLS,  # type: ignore[arg-type]
@@ -85,11 +78,15 @@ async def test_forced_calls_match_the_schema(tool_server: ServerProcess, choice:
         assert_valid_call(call.function.name, call.function.arguments)
 
 
-async def test_forced_calls_without_a_parser_are_json_guided(server: ServerProcess) -> None:
-    """The session's server has no tool parser: forced calls take vLLM's generic JSON route."""
+async def test_forced_calls_without_a_parser_are_json_guided(
+    limited_server: ServerProcess,
+) -> None:
+    """A server with no tool parser (its limits do not come into it: one request at a time):
+    forced calls take vLLM's generic JSON route."""
+    assert not {"--tool-call-parser", "--reasoning-parser"} & set(limited_server.proc.args)
     for choice in ("required", NAMED):
         for seed in range(3):
-            resp = await sdk(server).chat.completions.create(
+            resp = await sdk(limited_server).chat.completions.create(
                 model=MODEL,
                 messages=USER,  # type: ignore[arg-type]
                 tools=TOOLS,  # type: ignore[arg-type]
@@ -102,9 +99,9 @@ async def test_forced_calls_without_a_parser_are_json_guided(server: ServerProce
             assert_valid_call(call.function.name, call.function.arguments)
 
 
-async def test_sdk_accumulates_streamed_calls(tool_server: ServerProcess) -> None:
+async def test_sdk_accumulates_streamed_calls(server: ServerProcess) -> None:
     """The SDK's own stream helper rebuilds the call from the fragments we stream."""
-    async with sdk(tool_server).chat.completions.stream(
+    async with sdk(server).chat.completions.stream(
         model=MODEL,
         messages=USER,  # type: ignore[arg-type]
         tools=TOOLS,  # type: ignore[arg-type]
@@ -126,7 +123,7 @@ async def test_sdk_accumulates_streamed_calls(tool_server: ServerProcess) -> Non
     assert_valid_call(call.function.name, call.function.arguments)
 
 
-async def test_raw_stream_of_a_forced_call(tool_server: ServerProcess) -> None:
+async def test_raw_stream_of_a_forced_call(server: ServerProcess) -> None:
     body = {
         "model": MODEL,
         "messages": USER,
@@ -137,7 +134,7 @@ async def test_raw_stream_of_a_forced_call(tool_server: ServerProcess) -> None:
         "seed": 1,
     }
     headers = {"Authorization": f"Bearer {TEST_API_KEY}"}
-    r = httpx.post(tool_server.base_url + "/v1/chat/completions", json=body, headers=headers)
+    r = httpx.post(server.base_url + "/v1/chat/completions", json=body, headers=headers)
     frames = [f.removeprefix("data: ") for f in r.text.split("\n\n") if f]
     assert frames[-1] == "[DONE]"
     chunks = [json.loads(f)["choices"][0] for f in frames[:-1]]
@@ -153,9 +150,9 @@ async def test_raw_stream_of_a_forced_call(tool_server: ServerProcess) -> None:
     assert_valid_call("set_mood", arguments)
 
 
-async def test_json_schema_output_validates(tool_server: ServerProcess) -> None:
+async def test_json_schema_output_validates(server: ServerProcess) -> None:
     for seed in range(4):
-        resp = await sdk(tool_server).chat.completions.create(
+        resp = await sdk(server).chat.completions.create(
             model=MODEL,
             messages=USER,  # type: ignore[arg-type]
             response_format={
@@ -167,7 +164,7 @@ async def test_json_schema_output_validates(tool_server: ServerProcess) -> None:
         )
         assert resp.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(resp.choices[0].message.content or ""), MOOD)
-    resp = await sdk(tool_server).chat.completions.create(
+    resp = await sdk(server).chat.completions.create(
         model=MODEL,
         messages=USER,  # type: ignore[arg-type]
         response_format={"type": "json_object"},
@@ -176,12 +173,12 @@ async def test_json_schema_output_validates(tool_server: ServerProcess) -> None:
     assert (resp.choices[0].message.content or "").lstrip().startswith("{")
 
 
-async def test_tool_history_and_the_prefix_cache(tool_server: ServerProcess) -> None:
+async def test_tool_history_and_the_prefix_cache(server: ServerProcess) -> None:
     """An agent resends the conversation, tool turns included, each turn: it is accepted, and
     the second time the prefix cache serves most of it."""
     cached = []
     for _ in range(2):
-        resp = await sdk(tool_server).chat.completions.create(
+        resp = await sdk(server).chat.completions.create(
             model=MODEL,
             messages=TOOL_HISTORY,  # type: ignore[arg-type]
             tools=[*TOOLS, {"type": "function", "function": {"name": "get_weather"}}],  # type: ignore[list-item]
@@ -196,8 +193,8 @@ async def test_tool_history_and_the_prefix_cache(tool_server: ServerProcess) -> 
     assert cached[1] >= prompt_tokens // 2, (cached, prompt_tokens)
 
 
-async def test_auto_streams_text_with_tools(tool_server: ServerProcess) -> None:
-    stream = await sdk(tool_server).chat.completions.create(
+async def test_auto_streams_text_with_tools(server: ServerProcess) -> None:
+    stream = await sdk(server).chat.completions.create(
         model=MODEL,
         messages=USER,  # type: ignore[arg-type]
         tools=TOOLS,  # type: ignore[arg-type]
@@ -212,7 +209,7 @@ async def test_auto_streams_text_with_tools(tool_server: ServerProcess) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 16
 
 
-async def test_livekit_agents_client(tool_server: ServerProcess) -> None:
+async def test_livekit_agents_client(server: ServerProcess) -> None:
     """LiveKit Agents' own OpenAI plugin, as a voice agent drives us: a spoken reply, then a
     forced tool call, then a reply after the tool's result."""
     from livekit.agents import llm
@@ -228,7 +225,7 @@ async def test_livekit_agents_client(tool_server: ServerProcess) -> None:
 
     model = lk_openai.LLM(
         model=MODEL,
-        base_url=tool_server.base_url + "/v1",
+        base_url=server.base_url + "/v1",
         api_key=TEST_API_KEY,
         max_completion_tokens=300,
         parallel_tool_calls=False,  # one call, then the end: a random model would go on
@@ -269,13 +266,6 @@ async def test_livekit_agents_client(tool_server: ServerProcess) -> None:
     text, calls, usage = await run(tools=[set_mood], tool_choice="none")
     assert text and not calls
     assert usage is not None and usage.prompt_cached_tokens > 0
-
-
-@pytest.fixture(scope="module")
-def reasoning_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log_path = tmp_path_factory.mktemp("reasoning") / "server.log"
-    with running_server(log_path, "--reasoning-parser", "deepseek_r1") as srv:
-        yield srv
 
 
 async def test_thoughts_are_never_spoken(reasoning_server: ServerProcess) -> None:

@@ -52,7 +52,7 @@ def test_outputs_from_synthetic_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_short_bench_run(server_url: str, tmp_path: Path) -> None:
+def test_short_bench_run(server_url: str, server_api_key: str | None, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     cmd = [
         sys.executable,
@@ -74,6 +74,7 @@ def test_short_bench_run(server_url: str, tmp_path: Path) -> None:
         "--no-progress",
         "--out",
         str(out),
+        *(["--api-key", server_api_key] if server_api_key else []),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]

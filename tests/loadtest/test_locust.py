@@ -23,7 +23,9 @@ def _locust_cmd() -> list[str]:
 
 
 @pytest.mark.e2e
-def test_locust_reports_streaming_entries(server_url: str, tmp_path: Path) -> None:
+def test_locust_reports_streaming_entries(
+    server_url: str, server_api_key: str | None, tmp_path: Path
+) -> None:
     # Never import locust here: importing it monkey-patches this whole process with gevent.
     assert importlib.util.find_spec("locust") is not None, "the loadtest extra installs locust"
     prefix = tmp_path / "locust"
@@ -52,6 +54,7 @@ def test_locust_reports_streaming_entries(server_url: str, tmp_path: Path) -> No
         "0.2",
         "--stop-timeout",
         "30",
+        *(["--api-key", server_api_key] if server_api_key else []),
     ]
     # Bounded: 15 s of load, up to 30 s to let in-flight streams finish, plus start-up.
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from loadtest import DEMO_MODEL_NAME
-from loadtest.servers import ServerProcess, engine_flags, free_port, ours_command
+from loadtest.servers import free_port
 from loadtest.soak import build_parser, run_soak
 from loadtest.soak_hostile import has_error_shape, hostile_cases
 from loadtest.soak_metrics import Sample, parse_metrics
 from loadtest.soak_summary import Goals, exit_code, format_report, summarize
 from loadtest.soak_traffic import NORMAL_EXPECTED, Outcome, ends_with_done
+from tests.support import SERVER_FIXTURES, SOAK_API_KEY, ServerProcess, running_server
 
 MiB = 2**20
 
@@ -240,30 +240,19 @@ async def test_soak_reports_missing_done_and_a_leaked_request(
 
 # -- the real server ---------------------------------------------------------------------------
 
-API_KEY = "soak-test-key"
+API_KEY = SOAK_API_KEY
 
 
 @pytest.fixture(scope="module")
-def small_server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Ours on the demo model with room for 2 running and 2 waiting: bursts must draw 429s."""
-    port = free_port()
-    flags = engine_flags(str(demo_model), DEMO_MODEL_NAME, kv_cache_memory_bytes=256 << 20)
-    limits = ["--max-running-requests", "2", "--max-waiting-requests", "2", "--api-key", API_KEY]
-    srv = ServerProcess(
-        "serve",
-        ours_command([*flags, *limits], port),
-        port,
-        log_path=tmp_path_factory.mktemp("soak-server") / "serve.log",
-        ready_paths=("/ready",),
-    )
-    with srv:
-        srv.wait_ready(300.0)
+    log_path = tmp_path_factory.mktemp("soak-server") / "serve.log"
+    with running_server(log_path, *SERVER_FIXTURES["small_server"]) as srv:
         yield srv
 
 
 @pytest.mark.e2e
 def test_short_soak_against_the_real_server(small_server: ServerProcess, tmp_path: Path) -> None:
-    assert small_server.proc is not None
     cmd = [
         sys.executable, "-m", "loadtest.soak", "--base-url", small_server.base_url,
         "--api-key", API_KEY, "--minutes", "0.5", "--concurrency", "3",
@@ -271,7 +260,8 @@ def test_short_soak_against_the_real_server(small_server: ServerProcess, tmp_pat
         "--pid", str(small_server.proc.pid), "--progress-every", "0", "--out", str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    detail = f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}\n{small_server.log_tail(40)}"
+    log_tail = "\n".join(small_server.log().splitlines()[-40:])
+    detail = f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}\n{log_tail}"
     summary = json.loads((tmp_path / "summary.json").read_text())
     req = summary["requests"]
     assert req["status_429"] > 0, detail
