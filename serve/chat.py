@@ -4,6 +4,7 @@ The request models (``serve.protocol``) check each field's shape; the rules here
 positions: an assistant message may omit its content only when it calls tools, a tool message
 answers a call made just before it, a named tool choice names a tool of the request, a schema is
 a schema. Each refusal names the exact field (``messages.3.tool_call_id``), as OpenAI does.
+Checking a schema costs milliseconds, so the checks are remembered (``serve.schemas``).
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from jsonschema import SchemaError
-from jsonschema.validators import validator_for
-
 from serve.engine.base import ChatConfig, ChatTurn, StructuredOutput, ToolChoice
 from serve.errors import APIError, invalid_request
 from serve.protocol import ChatCompletionRequest, ChatMessage
+from serve.schemas import SchemaChecks
 
 # Template variables the server sets itself; a request may not override them.
 RESERVED_TEMPLATE_KWARGS = frozenset(
@@ -64,7 +63,17 @@ def engine_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def chat_turn(req: ChatCompletionRequest, config: ChatConfig) -> ChatTurn:
+def request_schemas(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The JSON Schemas that ``chat_turn`` and ``structured_output`` check."""
+    schemas = [t.function.parameters for t in req.tools or () if t.function.parameters is not None]
+    fmt = req.response_format
+    schema = fmt.json_schema.schema_ if fmt is not None and fmt.json_schema is not None else None
+    if fmt is not None and fmt.type == "json_schema" and schema is not None:
+        schemas.append(schema)
+    return schemas
+
+
+def chat_turn(req: ChatCompletionRequest, config: ChatConfig, checks: SchemaChecks) -> ChatTurn:
     """The request's tools, tool choice and template inputs, checked."""
     tools = tuple(tool.model_dump(exclude_none=True) for tool in req.tools or ())
     names: set[str] = set()
@@ -78,7 +87,7 @@ def chat_turn(req: ChatCompletionRequest, config: ChatConfig) -> ChatTurn:
             )
         names.add(fn.name)
         if fn.parameters is not None:
-            _check_schema(fn.parameters, f"tools.{i}.function.parameters", object_root=True)
+            _check_schema(checks, fn.parameters, f"tools.{i}.function.parameters", object_root=True)
     choice, name = _tool_choice(req.tool_choice, names, config)
     return ChatTurn(
         config=config,
@@ -91,7 +100,7 @@ def chat_turn(req: ChatCompletionRequest, config: ChatConfig) -> ChatTurn:
     )
 
 
-def structured_output(req: ChatCompletionRequest) -> StructuredOutput | None:
+def structured_output(req: ChatCompletionRequest, checks: SchemaChecks) -> StructuredOutput | None:
     """``response_format`` as guided decoding (None for plain text)."""
     fmt = req.response_format
     if fmt is None or fmt.type == "text":
@@ -103,7 +112,7 @@ def structured_output(req: ChatCompletionRequest) -> StructuredOutput | None:
     schema = fmt.json_schema.schema_
     if schema is None:  # OpenAI's schema is optional: then any JSON object will do
         return StructuredOutput()
-    _check_schema(schema, "response_format.json_schema.schema", object_root=False)
+    _check_schema(checks, schema, "response_format.json_schema.schema", object_root=False)
     return StructuredOutput(json_schema=schema)
 
 
@@ -169,13 +178,12 @@ def _template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
     return kwargs
 
 
-def _check_schema(schema: dict[str, Any], param: str, *, object_root: bool) -> None:
-    try:
-        validator_for(schema).check_schema(schema)
-    except SchemaError as exc:
-        raise invalid_request(
-            f"Invalid JSON Schema: {exc.message}.", param, "invalid_value"
-        ) from None
+def _check_schema(
+    checks: SchemaChecks, schema: dict[str, Any], param: str, *, object_root: bool
+) -> None:
+    reason = checks.check(schema)
+    if reason is not None:
+        raise invalid_request(f"Invalid JSON Schema: {reason}.", param, "invalid_value")
     if object_root and schema.get("type", "object") != "object":
         raise invalid_request(
             "Function parameters must be a JSON Schema of an object.", param, "invalid_value"

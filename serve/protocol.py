@@ -15,9 +15,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from serve.schemas import nesting_error, text_nesting_error
+
 NonNegInt = Annotated[int, Field(ge=0)]
 # OpenAI's rule for function and schema names.
 Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+# OpenAI's limit: each tool costs a schema check and prompt text.
+MAX_TOOLS = 128
 
 
 def _refuse(value: Any) -> Any:
@@ -28,6 +32,29 @@ def _refuse(value: Any) -> Any:
 
 
 Refused = Annotated[Any, AfterValidator(_refuse)]
+
+
+# Client JSON that code below walks recursively (jsonschema, the chat template, vLLM, xgrammar):
+# bounded here, so a value nested too deep is a 400 naming its field, not a RecursionError.
+def _bounded(value: Any) -> Any:
+    return _raise_if(nesting_error(value), value)
+
+
+def _bounded_schema(value: Any) -> Any:
+    return _raise_if(nesting_error(value, schema=True), value)
+
+
+def _bounded_text(value: str) -> str:
+    return _raise_if(text_nesting_error(value), value)
+
+
+def _raise_if(reason: str | None, value: Any) -> Any:
+    if reason is not None:
+        raise ValueError(reason)
+    return value
+
+
+Schema = Annotated[dict[str, Any], AfterValidator(_bounded_schema)]
 
 
 class _Request(BaseModel):
@@ -41,7 +68,8 @@ class TextPart(_Request):
 
 class ToolCallFunction(_Request):
     name: str
-    arguments: str  # JSON text, as OpenAI sends it
+    # JSON text, as OpenAI sends it; the engine parses it for the chat template.
+    arguments: Annotated[str, AfterValidator(_bounded_text)]
 
 
 class ToolCall(_Request):
@@ -70,7 +98,7 @@ class ChatMessage(_Request):
 class FunctionDefinition(_Request):
     name: Name
     description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON Schema of an object
+    parameters: Schema | None = None  # a JSON Schema of an object
     strict: bool | None = None
 
 
@@ -82,7 +110,7 @@ class Tool(_Request):
 class JsonSchema(_Request):
     name: Name
     description: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    schema_: Schema | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
@@ -150,13 +178,13 @@ class SamplingFields(_Request):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}; its
     # shape is checked by the service, which can say which part is wrong.
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Annotated[Any, AfterValidator(_bounded)]] | None = None
     # vLLM's: false leaves the thoughts out of the answer (a reasoning parser still splits them).
     include_reasoning: bool = True
     # As vLLM's server does: "none" renders the template with enable_thinking false, any other

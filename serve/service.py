@@ -16,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from starlette.responses import Response
 
 from serve.admission import Admission
 from serve.answers import Prepared, collect_parsed, collect_plain, parsed_frames, plain_frames
-from serve.chat import chat_turn, engine_messages, structured_output
+from serve.chat import chat_turn, engine_messages, request_schemas, structured_output
 from serve.engine.base import (
     Adapter,
     ChatConfig,
@@ -34,13 +36,16 @@ from serve.engine.base import (
 from serve.errors import invalid_request
 from serve.personas import Personas
 from serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from serve.schemas import SchemaChecks
 from serve.settings import Settings
 from serve.streaming import ChunkFormat, SSEResponse
 from serve.telemetry import RequestRecord
 
 # Prompts larger than this are rendered and tokenized in a worker thread, so one long
-# conversation does not stall every other stream's next token.
+# conversation does not stall every other stream's next token. A chat prompt's size counts the
+# tools and tool-call arguments too: the template writes them into the prompt.
 _OFFLOAD_CHARS = 16_384
+_MAX_KEYS_NAMED = 16  # bad logit_bias keys an error names one by one
 
 
 class GenerationService:
@@ -60,6 +65,7 @@ class GenerationService:
         )
         # Load the template and parsers now: a bad name fails at start-up, not on a request.
         engine.check_chat_config(self._chat)
+        self._schemas = SchemaChecks()  # agents resend the same tools every turn
 
     # -- validate and convert ------------------------------------------------------------
 
@@ -69,13 +75,16 @@ class GenerationService:
         record.parsed = time.perf_counter()
         adapter = self._check_common(req, record)
         messages = engine_messages(req.messages)
-        turn = chat_turn(req, self._chat)
-        structured = structured_output(req)
-        size = sum(len(m["content"] or "") for m in messages)
-        if size > _OFFLOAD_CHARS:
-            prompt_ids = await asyncio.to_thread(self._render_and_encode, messages, turn, record)
+        # A schema not checked before costs milliseconds, as does a long prompt: either moves
+        # the work off the event loop.
+        if _chat_chars(req, messages) > _OFFLOAD_CHARS or self._schemas.unchecked(
+            request_schemas(req)
+        ):
+            turn, structured, prompt_ids = await asyncio.to_thread(
+                self._chat_prompt, req, messages, record
+            )
         else:
-            prompt_ids = self._render_and_encode(messages, turn, record)
+            turn, structured, prompt_ids = self._chat_prompt(req, messages, record)
         if self._log_prompts:
             record.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
         p = self._prepared(req, record, request_id, prompt_ids, "chatcmpl-", structured)
@@ -83,6 +92,13 @@ class GenerationService:
         p.turn = turn
         p.parsed = self._engine.parses(turn)
         return p
+
+    def _chat_prompt(
+        self, req: ChatCompletionRequest, messages: list[dict[str, Any]], record: RequestRecord
+    ) -> tuple[ChatTurn, StructuredOutput | None, list[int]]:
+        turn = chat_turn(req, self._chat, self._schemas)
+        structured = structured_output(req, self._schemas)
+        return turn, structured, self._render_and_encode(messages, turn, record)
 
     def _render_and_encode(
         self, messages: list[dict[str, Any]], turn: ChatTurn, record: RequestRecord
@@ -145,15 +161,28 @@ class GenerationService:
             )
         if any(not s for s in stops):
             raise invalid_request("`stop` sequences must not be empty.", param="stop")
-        for key in req.logit_bias or ():
-            if not key.isdigit() or int(key) >= self._engine.vocab_size:
-                raise invalid_request(
-                    f"`logit_bias` keys are token ids from 0 to {self._engine.vocab_size - 1}; "
-                    f"`{key}` is not one.",
-                    param="logit_bias",
-                    code="invalid_value",
-                )
+        if req.logit_bias:
+            self._check_logit_bias(req.logit_bias)
         return adapter
+
+    def _check_logit_bias(self, bias: Mapping[str, float]) -> None:
+        """Keys are token ids in ASCII digits: ``str.isdigit`` also takes a superscript two
+        (which ``int`` refuses), an Arabic-Indic three and a fullwidth one (which ``int`` reads
+        as 3 and 1: silently another token)."""
+        vocab = self._engine.vocab_size
+        bad = [key for key in bias if not _is_token_id(key, vocab)]
+        if not bad:
+            return
+        # ascii() shows what a key is made of ('\uff11', not a 1 that looks like one).
+        named = ", ".join(_clip(ascii(key)) for key in bad[:_MAX_KEYS_NAMED])
+        if len(bad) > _MAX_KEYS_NAMED:
+            named += f" and {len(bad) - _MAX_KEYS_NAMED} more"
+        raise invalid_request(
+            f"`logit_bias` keys must be token ids written in ASCII digits, from 0 to {vocab - 1} "
+            f"(the vocabulary has {vocab} tokens); these are not: {named}.",
+            param="logit_bias",
+            code="invalid_value",
+        )
 
     def _prepared(
         self,
@@ -261,6 +290,35 @@ class GenerationService:
         return Response(body, media_type="application/json")
 
 
+def _token_id(key: str) -> int:
+    """A checked ``logit_bias`` key as its id. Leading zeros go first: ``int`` refuses a string
+    of more than 4300 digits, zeros included."""
+    return int(key.lstrip("0") or "0")
+
+
+def _is_token_id(key: str, vocab: int) -> bool:
+    if not (key.isascii() and key.isdigit()):
+        return False
+    return len(key.lstrip("0")) <= len(str(vocab)) and _token_id(key) < vocab
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _chat_chars(req: ChatCompletionRequest, messages: list[dict[str, Any]]) -> int:
+    """About how many characters the chat template writes: contents, tool-call arguments and
+    the tools (their schemas as JSON)."""
+    size = sum(len(m["content"] or "") for m in messages)
+    size += sum(len(c.function.arguments) for m in req.messages for c in m.tool_calls or ())
+    for tool in req.tools or ():
+        fn = tool.function
+        size += len(fn.name) + len(fn.description or "")
+        if fn.parameters is not None:
+            size += len(orjson.dumps(fn.parameters))
+    return size
+
+
 def _sampling_options(
     req: SamplingFields, max_tokens: int, structured: StructuredOutput | None
 ) -> SamplingOptions:
@@ -279,5 +337,5 @@ def _sampling_options(
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
         structured=structured,
-        logit_bias=tuple((int(k), v) for k, v in (req.logit_bias or {}).items()),
+        logit_bias=tuple((_token_id(k), v) for k, v in (req.logit_bias or {}).items()),
     )

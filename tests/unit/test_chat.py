@@ -14,6 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from serve.engine.fake import FakeEngine
+from tests.hostile_inputs import nested_list
 from tests.unit.agents import TIME, WEATHER
 from tests.unit.conftest import chat_body, open_client
 
@@ -39,6 +40,15 @@ def params(schema: Any) -> dict[str, Any]:
     return {"type": "function", "function": {"name": "f", "parameters": schema}}
 
 
+def deep(levels: int) -> dict[str, Any]:
+    """An object schema whose JSON nests exactly ``levels`` deep."""
+    return {"type": "object", "default": nested_list(levels - 1)}
+
+
+def answer(schema: Any) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+
+
 def call(id: str = "call_1", name: str = "get_weather") -> dict[str, Any]:
     return {"id": id, "type": "function", "function": {"name": name, "arguments": "{}"}}
 
@@ -58,6 +68,9 @@ BAD = [
     ({"tools": [params({"type": "array"})]}, "tools.0.function.parameters"),
     ({"tools": [params({"type": 5})]}, "tools.0.function.parameters"),
     ({"tools": [WEATHER, WEATHER]}, "tools.1.function.name"),
+    # past the nesting bound (64 levels, vLLM's own for schemas)
+    ({"tools": [WEATHER, params(deep(65))]}, "tools.1.function.parameters"),
+    ({"tools": [WEATHER] * 129}, "tools"),
     # tool_choice
     (with_tools(tool_choice="sometimes"), "tool_choice"),
     (with_tools(tool_choice=5), "tool_choice"),
@@ -89,6 +102,7 @@ BAD = [
         },
         "response_format.json_schema.schema",
     ),
+    ({"response_format": answer(deep(65))}, "response_format.json_schema.schema"),
     # messages
     ({"messages": [USER, {"role": "assistant", "content": None}]}, "messages.1.content"),
     ({"messages": [USER, {"role": "assistant"}]}, "messages.1.content"),
@@ -177,6 +191,8 @@ ACCEPTED = [
     {"modalities": ["text"], "parallel_tool_calls": True, "response_format": {"type": "text"}},
     {"reasoning_effort": "low", "include_reasoning": False, "chat_template_kwargs": {"x": 1}},
     {"tools": [WEATHER], "tool_choice": "auto", "cache_salt": "s", "priority": 0},
+    # at the nesting bound
+    {"tools": [params(deep(64))], "response_format": answer(deep(64))},
 ]
 
 

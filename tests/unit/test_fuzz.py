@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from serve.app import create_app
 from serve.engine.fake import FakeEngine
+from tests.hostile_inputs import nested_list
 from tests.unit.conftest import KEY, make_settings
 
 PROFILE = os.environ.get("AVATAR_FUZZ_PROFILE", "ci")
@@ -179,3 +180,79 @@ def test_raw_bytes_and_headers_never_500(client: Any) -> None:
         )
 
     assert fuzz(raw_requests, send, EXAMPLES // 2) >= EXAMPLES // 4
+
+
+# Client JSON that code below the door walks recursively (schemas, template kwargs, tool-call
+# arguments), at depths on both sides of the bound, and logit_bias keys made of any digits.
+def _deep_schema(kind: str, depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        if kind == "properties":
+            schema = {"type": "object", "properties": {"a": schema}}
+        elif kind == "items":
+            schema = {"type": "array", "items": schema}
+        elif kind == "anyOf":
+            schema = {"anyOf": [schema, {"type": "null"}]}
+        else:
+            schema = {"not": schema}
+    return schema
+
+
+depths = st.integers(0, 150)
+schemas = (
+    st.builds(_deep_schema, st.sampled_from(["properties", "items", "anyOf", "not"]), depths)
+    | st.builds(lambda depth: {"type": "object", "default": nested_list(depth)}, depths)
+    | st.fixed_dictionaries({"type": st.just("object"), "$schema": json_values})
+    | st.builds(
+        lambda p: {"properties": {"a": {"pattern": p}}},
+        st.text(alphabet="(){}[]a9,*?", max_size=40),
+    )
+    | st.builds(
+        lambda n: {"properties": {"a": {"pattern": "(" * n + ")" * n}}}, st.integers(0, 800)
+    )
+)
+
+
+def _tools(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"type": "function", "function": {"name": f"f{i}", "parameters": schema}}
+        for i, schema in enumerate(found)
+    ]
+
+
+def _history(arguments: str) -> list[dict[str, Any]]:
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    return [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c", "content": "ok"},
+    ]
+
+
+digit_keys = st.text(st.characters(categories=("Nd", "No")) | st.sampled_from("0123456789"),
+                     min_size=1, max_size=8)  # fmt: skip
+nested_fields = {
+    "tools": st.lists(schemas, max_size=3).map(_tools),
+    "tool_choice": st.sampled_from(["none", "required"]),
+    "response_format": schemas.map(
+        lambda s: {"type": "json_schema", "json_schema": {"name": "a", "schema": s}}
+    ),
+    "chat_template_kwargs": st.dictionaries(
+        st.text(max_size=4), depths.map(nested_list), max_size=2
+    ),
+    "logit_bias": st.dictionaries(digit_keys, st.floats(-100, 100), max_size=4),
+    "messages": st.builds(
+        lambda n, tail: _history("[" * n + tail), st.integers(0, 3000), st.text(max_size=8)
+    ),
+}
+
+
+def test_nested_json_and_token_keys_never_500(client: Any) -> None:
+    def send(fields: dict[str, Any]) -> Any:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        return client.post(
+            "/v1/chat/completions", content=json.dumps({**body, **fields}), headers=_auth()
+        )
+
+    strategy = st.fixed_dictionaries({}, optional=nested_fields)
+    assert fuzz(strategy, send, EXAMPLES // 4) >= EXAMPLES // 8

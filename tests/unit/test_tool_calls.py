@@ -218,9 +218,10 @@ async def test_thoughts_are_never_content(thinking: Callable[..., Any]) -> None:
     async with open_client(app) as c:
         body = chat_body(stream=True, stream_options={"include_usage": True}, max_tokens=50)
         chunks = sse_chunks(await c.post("/v1/chat/completions", json=body))
+        # Thoughts in vLLM 0.32's `reasoning` and again in the older `reasoning_content`.
         assert deltas(chunks) == [
-            ({"role": "assistant", "reasoning_content": "Let me"}, None),
-            ({"reasoning_content": " think"}, None),
+            ({"role": "assistant", "reasoning": "Let me", "reasoning_content": "Let me"}, None),
+            ({"reasoning": " think", "reasoning_content": " think"}, None),
             ({"content": "Hello."}, None),
             ({}, "stop"),
         ]
@@ -230,7 +231,8 @@ async def test_thoughts_are_never_content(thinking: Callable[..., Any]) -> None:
 
         r = await c.post("/v1/chat/completions", json=chat_body(max_tokens=50))
         message = r.json()["choices"][0]["message"]
-        assert (message["content"], message["reasoning_content"]) == ("Hello.", "Let me think")
+        assert (message["content"], message["reasoning"]) == ("Hello.", "Let me think")
+        assert message["reasoning_content"] == "Let me think"
 
         body = chat_body(stream=True, max_tokens=50, include_reasoning=False)
         got = deltas(sse_chunks(await c.post("/v1/chat/completions", json=body)))
@@ -243,8 +245,8 @@ async def test_thoughts_then_a_call(thinking: Callable[..., Any]) -> None:
     async with open_client(app) as c:
         got = deltas(sse_chunks(await c.post("/v1/chat/completions", json=tool_body())))
     assert [list(d) for d, _ in got] == [
-        ["role", "reasoning_content"],
-        ["reasoning_content"],
+        ["role", "reasoning", "reasoning_content"],
+        ["reasoning", "reasoning_content"],
         ["tool_calls"],
         ["tool_calls"],
         [],
