@@ -2,9 +2,9 @@
 
 Fast tests: the carry planner's splitting and packing, the manifest round trip from
 ``prepare_carry.write_calls`` through the device side's ``stage`` and ``assemble`` on fake
-wheels, and the benchmark model's tokenizer padding on a tiny CPU build. The dry run
-(``run_gpu_bench.sh --dry-run``: both servers on the CPU engine with the demo model) is an e2e
-test, about 1-2 minutes.
+wheels, and the benchmark model's tokenizer padding on a tiny CPU build. The dry runs
+(``run_gpu_bench.sh --dry-run``: both servers on the CPU engine with the demo model; and with
+``--personas``) are e2e tests, run side by side, about 1-2 minutes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import random
 import subprocess
 import sys
 import tarfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -301,18 +303,76 @@ def test_persona_step_without_time_for_a_retry_reports_the_failure(
     assert "personas: FAILED" in (tmp_path / "o" / "personas-summary.md").read_text()
 
 
+DRY_RUNS = {  # test name -> run_gpu_bench.sh arguments
+    "test_dry_run_writes_results_and_prints_the_table": ("--dry-run",),
+    "test_persona_dry_run_serves_the_adapters_and_prints_the_ratios": ("--dry-run", "--personas"),
+}
+DRY_RUN_MODEL = Path(os.environ.get("BENCH_MODEL_DIR") or "/tmp/avatar-dry-run/model")
+
+
+class DryRuns:
+    """The two dry runs side by side (each is mostly one server starting after another: one
+    core's work), each as the test would run it alone, into its own OUT folder."""
+
+    def __init__(self, base: Path, selected: list[str]) -> None:
+        self.base = base
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        for name in selected:
+            if self.procs and not (DRY_RUN_MODEL / "DEMO_MODEL_VERSION").is_file():
+                # The first run builds the shared demo model: the next waits for it rather
+                # than build the same folder at the same moment.
+                first = next(iter(self.procs.values()))
+                deadline = time.monotonic() + 180
+                while not (DRY_RUN_MODEL / "DEMO_MODEL_VERSION").is_file():
+                    if first.poll() is not None or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.5)
+            with (
+                (base / f"{name}.stdout").open("w") as stdout,
+                (base / f"{name}.stderr").open("w") as stderr,
+            ):
+                self.procs[name] = subprocess.Popen(
+                    ["bash", str(ROOT / "scripts/device/run_gpu_bench.sh"), *DRY_RUNS[name]],
+                    cwd=ROOT,
+                    env={**os.environ, "OUT": str(self.out(name))},
+                    stdout=stdout,
+                    stderr=stderr,
+                    text=True,
+                )
+
+    def out(self, name: str) -> Path:
+        return self.base / name / "out"
+
+    def result(self, name: str) -> subprocess.CompletedProcess[str]:
+        proc = self.procs[name]
+        code = proc.wait(timeout=400)
+        stdout = (self.base / f"{name}.stdout").read_text()
+        stderr = (self.base / f"{name}.stderr").read_text()
+        return subprocess.CompletedProcess(proc.args, code, stdout, stderr)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def dry_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DryRuns]:
+    selected = [n for n in DRY_RUNS if any(i.name == n for i in request.session.items)]
+    runs = DryRuns(tmp_path_factory.mktemp("dry-runs"), selected)
+    try:
+        yield runs
+    finally:
+        runs.stop()
+
+
 @pytest.mark.e2e
-def test_dry_run_writes_results_and_prints_the_table(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out)}
-    proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "device" / "run_gpu_bench.sh"), "--dry-run"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+def test_dry_run_writes_results_and_prints_the_table(dry_runs: DryRuns) -> None:
+    out = dry_runs.out("test_dry_run_writes_results_and_prints_the_table")
+    proc = dry_runs.result("test_dry_run_writes_results_and_prints_the_table")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("ours", "vllm"):
         for fname in ("results.json", "summary.csv", "latency_throughput.png"):
@@ -337,17 +397,9 @@ def test_dry_run_writes_results_and_prints_the_table(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_persona_dry_run_serves_the_adapters_and_prints_the_ratios(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out)}
-    proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "device" / "run_gpu_bench.sh"), "--dry-run", "--personas"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+def test_persona_dry_run_serves_the_adapters_and_prints_the_ratios(dry_runs: DryRuns) -> None:
+    out = dry_runs.out("test_persona_dry_run_serves_the_adapters_and_prints_the_ratios")
+    proc = dry_runs.result("test_persona_dry_run_serves_the_adapters_and_prints_the_ratios")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "personas" / "personas.json").read_text())
     assert report["meta"]["rounds_done"] == 2 and report["meta"]["rank"] == 16
