@@ -78,6 +78,7 @@ def create_app(
     app.state.engine = engine
     app.state.admission = admission
     app.state.auth = BearerAuth(settings.api_key)
+    app.state.admin_auth = BearerAuth(settings.admin_api_key)
     app.state.personas = personas
     app.state.service = GenerationService(engine, settings, admission, personas)
     app.state.metrics = metrics
@@ -91,8 +92,10 @@ def create_app(
     app.guard = partial(
         RequestGuard,
         metrics=metrics,
+        auth=app.state.auth,
         max_body_bytes=settings.max_body_bytes,
         max_request_duration=settings.max_request_duration,
+        write_timeout=settings.write_timeout,
     )
     _hoist_schema_defs(app)
     return app

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         elif typing.get_origin(field.annotation) is list:
             group.add_argument(
-                flag, nargs="+", action="extend", default=argparse.SUPPRESS, help=help_text
+                flag, nargs="+", action=_RepeatableList, default=argparse.SUPPRESS, help=help_text
             )
         else:
             group.add_argument(
@@ -86,6 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
     AsyncEngineArgs.add_cli_args(parser)
     parser.set_defaults(**AVATAR_ENGINE_DEFAULTS)
     return parser
+
+
+class _RepeatableList(argparse.Action):
+    """A list flag, repeatable (``--api-key a --api-key b``) or spaced (``--api-key a b``).
+
+    The command line replaces a list that came from the environment instead of adding to it:
+    a flag wins over its variable, and a key left in a manifest's ``AVATAR_API_KEY`` must not
+    stay valid beside the ``--api-key`` that replaced it (argparse's ``extend`` would keep it).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._given = False  # a parser is built per parse, so this is per command line
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        earlier = list(getattr(namespace, self.dest, None) or []) if self._given else []
+        self._given = True
+        setattr(namespace, self.dest, [*earlier, *values])
 
 
 def _engine_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:

@@ -15,20 +15,26 @@ Decisions:
   which keeps the split fair.
 - Metrics: prometheus_client's multiprocess mode; one scrape of any process shows the sum.
 - ``/ready`` is true only while every front end serves (a shared flag per process).
-- SIGTERM drains every front end (each runs the single-process drain), then the engine stops.
+- SIGTERM (or Ctrl-C) to the parent drains every front end (each runs the single-process
+  drain), then the engine stops. The children never hear a terminal's SIGINT
+  (``serve.server.children_ignore_sigint``): the front ends take their order from the parent,
+  once, and the engine core does not abort what they are draining.
 - If the engine core dies, each front end notices and exits 1 after
   ``--engine-dead-exit-delay``; if any front end dies, the rest are stopped. Either way the
-  parent exits 1 so the orchestrator restarts the whole server.
+  parent exits 1 so the orchestrator restarts the whole server, whatever signal arrives while
+  it stops (``Supervisor``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing.connection
 import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,112 +77,179 @@ def check_split(settings: Settings) -> None:
 
 def serve_multi(settings: Settings) -> int:
     """Run the engine core and N front ends until SIGTERM or a death; the exit code."""
+    from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
+
+    check_split(settings)
+    # Before any front end is spawned: they choose file-backed metric values at import.
+    setup_multiprocess_prometheus()
+    supervisor = Supervisor(settings)
+    supervisor.install_signal_handlers()
+    return supervisor.run(lambda started: _start(settings, started))
+
+
+@dataclass
+class Started:
+    """What the start-up has brought up so far: what the shutdown stops."""
+
+    sock: socket.socket | None = None
+    engine_manager: Any = None  # vLLM's engine process manager: .processes, .shutdown(timeout)
+    api: Any = None  # vLLM's APIServerProcessManager: .processes, .shutdown(timeout)
+    engine_alive: Any = None  # the shared flag the front ends read
+
+
+def _start(settings: Settings, started: Started) -> None:
     import multiprocessing as mp
 
-    from prometheus_client import multiprocess as prom_mp
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.utils import bind_engine_zmq_listeners, launch_core_engines
     from vllm.v1.executor import Executor
-    from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
     from vllm.v1.utils import APIServerProcessManager
 
     from serve.engine.vllm_engine import engine_config
+    from serve.server import children_ignore_sigint
 
-    check_split(settings)
     count = settings.api_server_count
-    # Before any front end is spawned: they choose file-backed metric values at import.
-    setup_multiprocess_prometheus()
-
-    stopping = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
     args = AsyncEngineArgs(**settings.engine_args)
     args._api_process_count = count
     args._api_process_rank = -1
     vllm_config = engine_config(args)
-    sock = _listen(settings.host, settings.port)
+    sock = started.sock = _listen(settings.host, settings.port)
     listen_address = f"http://{settings.host}:{settings.port}"
     ctx = mp.get_context("spawn")
-    engine_alive = ctx.RawArray("b", [1])
+    engine_alive = started.engine_alive = ctx.RawArray("b", [1])
     spec = _FrontEndSpec(settings, ctx.RawArray("b", count), engine_alive)
     listeners = bind_engine_zmq_listeners(vllm_config, count)
-    api: Any = None
-    engine_manager: Any = None
-    exit_code = 1
-    started = time.perf_counter()
-    try:
-        with launch_core_engines(
-            vllm_config, Executor.get_class(vllm_config), not args.disable_log_stats,
-            listeners.addresses,
-        ) as launch:  # fmt: skip
-            engine_manager = launch.engine_manager
-            coordinator = launch.coordinator
-            api = APIServerProcessManager(
-                listen_address=listen_address,
-                sock=sock,
-                args=spec,  # type: ignore[arg-type]  # passed through to our target only
-                num_servers=count,
-                input_listeners=listeners.inputs,
-                output_listeners=listeners.outputs,
-                target_server_fn=_front_end_main,
-                stats_update_address=(
-                    coordinator.get_stats_publish_address() if coordinator else None
-                ),
-                tensor_queue=launch.tensor_queue,
-            )
-            launch.watched_frontend_processes = api.processes
-        log.info(
-            "engine core up in %.1f s; %d front-end processes on %s",
-            time.perf_counter() - started,
-            count,
-            listen_address,
+    began = time.perf_counter()
+    with children_ignore_sigint(), launch_core_engines(
+        vllm_config, Executor.get_class(vllm_config), not args.disable_log_stats,
+        listeners.addresses,
+    ) as launch:  # fmt: skip
+        started.engine_manager = launch.engine_manager
+        coordinator = launch.coordinator
+        started.api = APIServerProcessManager(
+            listen_address=listen_address,
+            sock=sock,
+            args=spec,  # type: ignore[arg-type]  # passed through to our target only
+            num_servers=count,
+            input_listeners=listeners.inputs,
+            output_listeners=listeners.outputs,
+            target_server_fn=_front_end_main,
+            stats_update_address=(coordinator.get_stats_publish_address() if coordinator else None),
+            tensor_queue=launch.tensor_queue,
         )
-        exit_code = _watch(api, engine_manager, settings, engine_alive)
-    except SystemExit:
-        exit_code = 0 if stopping else 1
-    finally:
-        if api is not None:
+        launch.watched_frontend_processes = started.api.processes
+    log.info(
+        "engine core up in %.1f s; %d front-end processes on %s",
+        time.perf_counter() - began,
+        count,
+        listen_address,
+    )
+
+
+class Supervisor:
+    """The parent process: watches the front ends and the engine core, decides the exit code.
+
+    Signals are flag flips, as uvicorn's are: a handler counts the signal and wakes the watch,
+    and never raises into a shutdown under way. The exit code is 1 once anything died (or a
+    front end failed its drain), whatever signal comes after; a signal only asks for a stop.
+    A second signal makes every front end exit at once (their own second signal). Only the
+    start-up, which waits inside vLLM, is interrupted by the first signal (exit 0).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.signals = 0
+        self.failed = False
+        self._starting = True
+        self._front_ends: list[Any] = []
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_write.setblocking(False)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.on_signal)
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        self.signals += 1
+        if self._starting:
+            if self.signals == 1:
+                raise SystemExit(0)  # vLLM's start-up loops know nothing of our flags
+            return
+        name = signal.Signals(signum).name
+        if self.signals == 1:
+            log.info("%s: every front end drains, then the engine core stops", name)
+            with contextlib.suppress(OSError):
+                self._wake_write.send(b"\0")
+            return
+        log.warning("second signal (%s): front ends exit without waiting for requests", name)
+        for proc in self._front_ends:
+            if proc.is_alive():
+                proc.terminate()
+
+    def run(self, start: Callable[[Started], None]) -> int:
+        """Start (filling ``Started`` as processes come up), watch, stop; the exit code."""
+        started = Started()
+        try:
+            start(started)
+            self._front_ends = list(started.api.processes)
+            self._starting = False
+            self._watch(started)
+        except SystemExit:
+            pass  # a signal during the start-up: stop what started
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            self._starting = False  # from here on a signal never interrupts the cleanup
+            self._stop(started)
+            self._wake_read.close()
+            self._wake_write.close()
+        return self.exit_code
+
+    def _watch(self, started: Started) -> None:
+        """Block until a signal, or until a front end or the engine core exits."""
+        front = {proc.sentinel: proc for proc in self._front_ends}
+        engines = {p.sentinel for p in started.engine_manager.processes}
+        ended = multiprocessing.connection.wait([*front, *engines, self._wake_read])
+        dead = [front[s] for s in ended if s in front]
+        if dead:
+            self.failed = True
+            log.critical(
+                "front-end process %s exited (code %s): stopping the server",
+                dead[0].name,
+                dead[0].exitcode,
+            )
+        elif any(s in engines for s in ended):
+            self.failed = True
+            # Front ends do not own the engine core, so they learn of its death from us; each
+            # then fails its requests and probes, and exits 1 after --engine-dead-exit-delay.
+            log.critical("the engine core has died: front ends exit, then the server exits 1")
+            started.engine_alive[0] = 0
+            delay = self._settings.engine_dead_exit_delay + _EXIT_GRACE_S
+            deadline = time.monotonic() + delay
+            for proc in self._front_ends:
+                proc.join(max(0.0, deadline - time.monotonic()))
+
+    def _stop(self, started: Started) -> None:
+        from prometheus_client import multiprocess as prom_mp
+
+        if started.api is not None:
+            self._front_ends = list(started.api.processes)
             # SIGTERM to each front end: each drains its own requests in flight.
-            api.shutdown(timeout=settings.drain_timeout + _EXIT_GRACE_S)
-            for proc in api.processes:
-                if proc.exitcode not in (0, None) and stopping:
-                    exit_code = 1  # a front end that failed its drain
+            started.api.shutdown(timeout=self._settings.drain_timeout + _EXIT_GRACE_S)
+            for proc in self._front_ends:
+                if proc.exitcode not in (0, None):
+                    self.failed = True  # died, failed its drain, or was killed past the grace
                 if proc.pid is not None:
                     prom_mp.mark_process_dead(proc.pid)
-        if engine_manager is not None:
-            engine_manager.shutdown(timeout=_EXIT_GRACE_S)
-        sock.close()
-    return exit_code
-
-
-def _watch(api: Any, engine_manager: Any, settings: Settings, engine_alive: Any) -> int:
-    """Block until a front end or the engine core exits; that is the end of the server."""
-    front = {proc.sentinel: proc for proc in api.processes}
-    engines = list(engine_manager.processes) if engine_manager is not None else []
-    watched = [*front, *(p.sentinel for p in engines)]
-    ended = multiprocessing.connection.wait(watched)
-    if any(s in front for s in ended):
-        proc = front[next(s for s in ended if s in front)]
-        log.critical(
-            "front-end process %s exited (code %s): stopping the server", proc.name, proc.exitcode
-        )
-        return 1
-    # The engine core died. Front ends do not own it, so they learn it from us; each then fails
-    # its requests, fails its probes and exits 1 after --engine-dead-exit-delay.
-    log.critical("the engine core has died: front ends exit, then the server exits 1")
-    engine_alive[0] = 0
-    deadline = time.monotonic() + settings.engine_dead_exit_delay + _EXIT_GRACE_S
-    for proc in api.processes:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    return 1
+        if started.engine_manager is not None:
+            started.engine_manager.shutdown(timeout=_EXIT_GRACE_S)
+        if started.sock is not None:
+            started.sock.close()
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -7,20 +7,30 @@ Shutdown sequence: on SIGTERM (or Ctrl-C) ``/ready`` fails at once and new gener
 get 503; requests in flight run to completion for up to ``--drain-timeout`` seconds; then the
 server closes and the process exits 0. A second signal exits at once. If the engine dies,
 in-flight requests end with an error, ``/health`` and ``/ready`` fail, and after
-``--engine-dead-exit-delay`` seconds the process exits 1 so the orchestrator restarts it.
+``--engine-dead-exit-delay`` seconds the process exits 1 so the orchestrator restarts it; a
+signal that arrives meanwhile, or while the engine shuts down, does not change that code.
+
+Ctrl-C in a terminal sends SIGINT to the whole process group, and vLLM's engine core aborts
+every request in flight on SIGINT: the processes this server starts are kept deaf to SIGINT
+(``children_ignore_sigint``), so only this process hears it, drains, then stops them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import multiprocessing.process
+import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -128,12 +138,48 @@ def _announce(settings: Settings, engine: Engine, startup_s: float) -> None:
     )
 
 
+@contextlib.contextmanager
+def children_ignore_sigint() -> Iterator[None]:
+    """Processes started inside this block never receive SIGINT; this process still does.
+
+    A terminal's Ctrl-C sends SIGINT to its whole foreground process group. vLLM's engine core
+    takes SIGINT as an order to abort every request in flight and exit, and with
+    ``--api-server-count`` each front end would start a drain of its own and then take the
+    parent's SIGTERM as a second signal (exit at once). The server process alone must decide:
+    it drains, then stops its children.
+
+    A blocked signal stays blocked across fork and exec, and Python's ``signal.signal`` (which
+    vLLM's processes use) does not unblock it, so a child started while SIGINT is blocked in
+    the starting thread never sees one. The block lasts only while a process starts (vLLM
+    starts its processes with ``multiprocessing``), so a Ctrl-C during the model load still
+    stops this process at once. Children get SIGTERM from this process, as before.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals only reach the main thread's handlers; nothing to keep from anyone
+        return
+    start = multiprocessing.process.BaseProcess.start
+
+    def start_without_sigint(process: Any) -> None:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            start(process)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    multiprocessing.process.BaseProcess.start = start_without_sigint  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        multiprocessing.process.BaseProcess.start = start  # type: ignore[method-assign]
+
+
 async def serve_single(settings: Settings) -> int:
     """Load the engine in this process (its core in a child process) and serve it."""
     from serve.engine.vllm_engine import VllmEngine
 
     started = time.perf_counter()
-    engine = VllmEngine.from_engine_args(settings.engine_args)
+    with children_ignore_sigint():
+        engine = VllmEngine.from_engine_args(settings.engine_args)
     return await serve_engine(settings, engine, time.perf_counter() - started)
 
 
@@ -180,8 +226,29 @@ async def serve_engine(
     try:
         await server.serve(sockets=front_end.sockets if front_end else None)
     finally:
-        await engine.shutdown()
+        # uvicorn has put the default handlers back: a SIGTERM now would kill the process
+        # (exit 143) while the engine stops, whatever the code already decided.
+        with _signals_noted("the server is already stopping"):
+            await engine.shutdown()
     return server.exit_code
+
+
+@contextlib.contextmanager
+def _signals_noted(why: str) -> Iterator[None]:
+    """SIGTERM and SIGINT only logged (flag-flip style) for the duration of the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(sig: int, frame: FrameType | None) -> None:
+        log.warning("%s ignored: %s", signal.Signals(sig).name, why)
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass

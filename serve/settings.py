@@ -80,6 +80,12 @@ class Settings(BaseModel):
         description="Accepted bearer keys (flag repeatable; env comma-separated). "
         "None: the server runs open.",
     )
+    admin_api_key: list[str] = Field(
+        default_factory=list,
+        description="Bearer keys for the adapter routes (/v1/load_lora_adapter, "
+        "/v1/unload_lora_adapter), which then refuse the API keys (flag repeatable; env "
+        "comma-separated). None: those routes take the API keys.",
+    )
     demo_model_dir: Path = Field(
         DEFAULT_DEMO_DIR,
         description="Where the built-in demo model is built when no --model is given.",
@@ -108,6 +114,12 @@ class Settings(BaseModel):
         gt=0,
         description="Seconds a request may hold engine capacity, queue wait included; "
         "then it is aborted.",
+    )
+    write_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a response write may make no progress (a client that stopped "
+        "reading); then the request ends, its engine request is aborted and its slot freed.",
     )
     drain_timeout: float = Field(
         30.0,
@@ -163,8 +175,8 @@ class Settings(BaseModel):
     allow_runtime_lora_updating: bool = Field(
         False,
         description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter, behind the "
-        "API key (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING=true also turns it on). Needs "
-        "--enable-lora and --lora-adapter-root.",
+        "admin key, or the API key without one (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING=true "
+        "also turns it on). Needs --enable-lora, --lora-adapter-root and a key.",
     )
     demo_personas: bool = Field(
         False,
@@ -183,14 +195,14 @@ class Settings(BaseModel):
         exclude=True,
     )
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "admin_api_key", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("api_key")
+    @field_validator("api_key", "admin_api_key")
     @classmethod
     def _no_blank_keys(cls, value: list[str]) -> list[str]:
         if any(not k.strip() for k in value):
@@ -232,10 +244,10 @@ class Settings(BaseModel):
                     "--allow-runtime-lora-updating needs --lora-adapter-root, the folder "
                     "adapters may be loaded from"
                 )
-            if not self.api_key:
+            if not self.api_key and not self.admin_api_key:
                 raise ValueError(
-                    "--allow-runtime-lora-updating needs --api-key: adapter loads are always "
-                    "behind the key"
+                    "--allow-runtime-lora-updating needs --api-key or --admin-api-key: adapter "
+                    "loads are always behind a key"
                 )
             if self.api_server_count > 1:
                 raise ValueError(
@@ -244,6 +256,15 @@ class Settings(BaseModel):
                 )
         if self.lora_adapter_root is not None and not self.lora_adapter_root.is_dir():
             raise ValueError(f"--lora-adapter-root {self.lora_adapter_root} is not a folder")
+        return self
+
+    @model_validator(mode="after")
+    def _admin_keys_apart(self) -> Settings:
+        if set(self.admin_api_key) & set(self.api_key):
+            raise ValueError(
+                "an --admin-api-key must not also be an --api-key: the admin keys exist to keep "
+                "adapter loads from the keys given to clients"
+            )
         return self
 
     @model_validator(mode="after")

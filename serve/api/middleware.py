@@ -5,12 +5,18 @@ request id (an incoming ``X-Request-Id`` is honoured, returned in a header and u
 request id) and writes one structured access-log line.
 
 For the generation routes it also
+- checks the API key before it reads a byte of the body, so an unauthenticated client cannot
+  make the server hold a body of up to ``--max-body-bytes``;
 - reads the body itself, refusing one over the size limit with 413 before it is buffered;
 - watches the connection while the request runs, and cancels the request's task the moment the
   client leaves (before the first token, mid-stream or while a non-streaming answer is built):
   the ``finally`` blocks below abort the engine request and release its slot;
 - cancels the request once it outlives ``max_request_duration``, so a slow or stalled client
   cannot hold engine capacity;
+- cancels the request once one write has made no progress for ``write_timeout`` (a client
+  that stopped reading: the socket buffers are full and the server's ``send`` waits), which
+  aborts its engine request and frees its slot long before the request's own deadline; it is
+  counted as a client that left (499);
 - records the request's metrics once it has ended, however it ended.
 """
 
@@ -27,8 +33,9 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from serve.api.auth import BearerAuth
 from serve.api.errors import count_refusal, send_error
-from serve.errors import internal_error, timed_out, too_large
+from serve.errors import APIError, internal_error, timed_out, too_large
 from serve.streaming import DONE_FRAME, error_frame
 from serve.telemetry import Metrics, RequestRecord
 
@@ -56,26 +63,72 @@ class _RequestState:
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task
-        self.reason: str | None = None  # "disconnect" or "deadline" once we cancelled the task
+        # Why we cancelled the task: "disconnect", "deadline" or "write_timeout".
+        self.reason: str | None = None
         self.started = False
         self.status = 0
-        self.done = False
+        self.done = False  # the response's end has been handed to the server
+        self.finished = False  # ...and the server has taken it (the last write is done)
         self.client_gone = asyncio.Event()
+        self.write_started: float | None = None  # loop time of the write in progress, if any
 
     def cancel(self, reason: str) -> None:
-        if self.reason is None and not self.done:
+        # Until the last write is done: a client that stops reading just before the end holds
+        # the request (and its slot) in that write.
+        if self.reason is None and not self.finished:
             self.reason = reason
             self.task.cancel()
 
 
+class _WriteWatch:
+    """Ends a request whose write has been stuck for ``timeout`` seconds.
+
+    Each write stamps its start and clears it when done (two attribute stores per frame, no
+    timer); one timer per request looks at the stamp and re-arms itself for the earliest moment
+    the write in progress could have been stuck too long.
+    """
+
+    def __init__(self, guard: _RequestState, timeout: float) -> None:
+        self._guard = guard
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        started = self._guard.write_started
+        now = self._loop.time()
+        if started is not None and now - started >= self._timeout:
+            log.warning(
+                "a write made no progress for %.0f s (the client stopped reading): "
+                "ending the request",
+                now - started,
+            )
+            self._guard.cancel("write_timeout")
+            return
+        due = started + self._timeout if started is not None else now + self._timeout
+        self._timer = self._loop.call_at(due, self._check)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+
 class RequestGuard:
     def __init__(
-        self, app: Any, *, metrics: Metrics, max_body_bytes: int, max_request_duration: float
+        self,
+        app: Any,
+        *,
+        metrics: Metrics,
+        auth: BearerAuth,
+        max_body_bytes: int,
+        max_request_duration: float,
+        write_timeout: float,
     ) -> None:
         self.app = app
         self.metrics = metrics
+        self.auth = auth
         self.max_body_bytes = max_body_bytes
         self.max_request_duration = max_request_duration
+        self.write_timeout = write_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,6 +146,13 @@ class RequestGuard:
         assert task is not None
         guard = _RequestState(task)
         id_header = (b"x-request-id", request_id.encode())
+        clock = asyncio.get_running_loop().time
+
+        async def timed_send(message: MutableMapping[str, Any]) -> None:
+            # What the write watch reads: when the write in progress started.
+            guard.write_started = clock()
+            await send(message)
+            guard.write_started = None
 
         async def send_with_id(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -101,7 +161,10 @@ class RequestGuard:
                 message["headers"] = [*message.get("headers", ()), id_header]
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 guard.done = True
-            await send(message)
+                await timed_send(message)
+                guard.finished = True
+                return
+            await timed_send(message)
 
         path = scope["path"]
         if path not in GENERATION_PATHS or scope["method"] != "POST":
@@ -113,12 +176,17 @@ class RequestGuard:
 
         record = RequestRecord(endpoint=_endpoint(path), model="", arrival=arrival)
         state["record"] = record
-        state["server_send"] = send
+        # The frames between the response's start and end skip the framework (SSEResponse),
+        # not the write watch.
+        state["server_send"] = timed_send
         watcher: asyncio.Task[None] | None = None
         deadline = asyncio.get_running_loop().call_later(
             self.max_request_duration, guard.cancel, "deadline"
         )
+        write_watch = _WriteWatch(guard, self.write_timeout)
         try:
+            if not await self._authorized(scope, send_with_id):
+                return
             body = await self._read_body(scope, receive, send_with_id, guard)
             if body is None:
                 return
@@ -133,6 +201,7 @@ class RequestGuard:
                 await self._farewell(send_with_id, guard)
         finally:
             deadline.cancel()
+            write_watch.stop()
             if watcher is not None:
                 watcher.cancel()
             self._finish(record, guard, state)
@@ -149,6 +218,17 @@ class RequestGuard:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if not guard.started:
                 await send_error(send, internal_error())
+
+    async def _authorized(self, scope: Scope, send: Send) -> bool:
+        """The key, checked before the body is read; a refusal is answered here."""
+        authorization = _header(scope, b"authorization")
+        try:
+            self.auth.check(authorization.decode("latin-1") if authorization else None)
+        except APIError as error:
+            count_refusal(self.metrics, error)
+            await send_error(send, error)
+            return False
+        return True
 
     async def _read_body(
         self, scope: Scope, receive: Receive, send: Send, guard: _RequestState
@@ -202,7 +282,8 @@ class RequestGuard:
             pass
 
     def _finish(self, record: RequestRecord, guard: _RequestState, state: dict[str, Any]) -> None:
-        left = guard.reason == "disconnect" or state.get("client_gone", False)
+        # A client that stopped reading is one that left, as far as anyone can tell.
+        left = guard.reason in ("disconnect", "write_timeout") or state.get("client_gone", False)
         if left:
             record.status = 499  # the client closed the request (nginx's convention)
             record.finish_reason = "abort"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from tests.support import MODEL, metric_value, running_server, wait_until
 
@@ -31,14 +33,20 @@ async def read_stream(client: httpx.AsyncClient, url: str, first: asyncio.Event)
     return "".join(parts)
 
 
-async def test_sigterm_drains_streams_then_exits_zero(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+async def test_sigterm_drains_streams_then_exits_zero(tmp_path: Path, how: str) -> None:
+    """SIGTERM to the server process (an orchestrator), or Ctrl-C in a terminal: SIGINT to the
+    whole process group, the engine core included, which must not cut the streams."""
     with running_server(tmp_path / "server.log", "--drain-timeout", "180") as server:
         url = f"{server.base_url}/v1/chat/completions"
         async with httpx.AsyncClient(timeout=120) as client:
             firsts = [asyncio.Event() for _ in range(3)]
             streams = [asyncio.create_task(read_stream(client, url, ev)) for ev in firsts]
             await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 30)
-            server.proc.send_signal(signal.SIGTERM)
+            if how == "ctrl-c":
+                os.killpg(server.proc.pid, signal.SIGINT)  # the server leads its own group
+            else:
+                server.proc.send_signal(signal.SIGTERM)
             sent = time.perf_counter()
 
             async def not_ready() -> bool:

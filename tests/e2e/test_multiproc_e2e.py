@@ -1,13 +1,15 @@
 """``--api-server-count 2``: two front-end processes over one engine core, on real processes.
 
-Both serve, one scrape shows the sum over both, SIGTERM drains both, and the death of the engine
-core or of one front end ends the whole server with exit code 1 (the single-process behaviour,
-tests/e2e/test_lifecycle_e2e.py, holds for N processes)."""
+Both serve, one scrape shows the sum over both, Ctrl-C (SIGINT to the whole process group, as a
+terminal sends it) drains both, and the death of the engine core or of one front end ends the
+whole server with exit code 1, which a SIGTERM arriving meanwhile does not change (the
+single-process behaviour, tests/e2e/test_lifecycle_e2e.py, holds for N processes)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import time
@@ -54,7 +56,7 @@ async def stream_text(client: httpx.AsyncClient, url: str, first: asyncio.Event,
     return "".join(parts)
 
 
-async def test_two_front_ends_serve_metrics_add_up_and_sigterm_drains_both(
+async def test_two_front_ends_serve_metrics_add_up_and_ctrl_c_drains_both(
     tmp_path: Path,
 ) -> None:
     with running_server(
@@ -108,7 +110,11 @@ async def test_two_front_ends_serve_metrics_add_up_and_sigterm_drains_both(
             firsts = [asyncio.Event() for _ in range(4)]
             streams = [asyncio.create_task(stream_text(client, url, ev, 1500)) for ev in firsts]
             await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 60)
-            server.proc.send_signal(signal.SIGTERM)
+            # Every process of the group gets it, as from a terminal: only the parent may act
+            # on it (the engine core would abort the streams, a front end would take the
+            # parent's SIGTERM as a second signal and cut them). SIGTERM to the parent alone
+            # takes the same path in the parent (tests/unit/test_multiproc.py).
+            os.killpg(server.proc.pid, signal.SIGINT)
 
             async def not_ready() -> bool:
                 return (await client.get(f"{server.base_url}/ready")).status_code == 503
@@ -149,6 +155,9 @@ async def test_engine_core_death_fails_requests_and_exits_nonzero(tmp_path: Path
             refused = await client.post(url, json=chat(max_tokens=4))
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "engine_dead"
+            # The orchestrator's SIGTERM, while the parent waits out the exit delay: the exit
+            # code is decided and stays 1.
+            server.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(server.proc.wait, 90) == 1
         wait_until(
             lambda: not any(p.is_running() and p.status() != "zombie" for p in front_ends),
@@ -162,6 +171,9 @@ async def test_one_front_end_dying_ends_the_server_nonzero(tmp_path: Path) -> No
         front_ends = children(server, "APIServer")
         engine = children(server, "EngineCore")
         front_ends[1].kill()
+        # The orchestrator's SIGTERM, while the parent notices the death or stops the rest:
+        # the exit is still 1, and the rest still stops.
+        server.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(server.proc.wait, 90) == 1
         deadline = time.monotonic() + 30
         survivors = [p for p in [front_ends[0], *engine] if p.is_running()]

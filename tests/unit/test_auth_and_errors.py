@@ -1,8 +1,11 @@
-"""Auth and the one error model: every refusal is an OpenAI-style body with the right status."""
+"""Auth and the one error model: every refusal is an OpenAI-style body with the right status.
+Admin keys (--admin-api-key) keep the adapter routes from the keys given to clients."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -10,7 +13,9 @@ import pytest
 from fastapi import FastAPI
 
 from serve.engine.fake import FakeEngine
-from tests.unit.conftest import MODEL, chat_body, open_client
+from tests.unit.conftest import KEY, MODEL, chat_body, make_settings, open_client
+from tests.unit.test_guard import http_scope
+from tests.unit.test_personas import persona_app, started, write_adapter
 
 
 def assert_error(r: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
@@ -189,3 +194,74 @@ async def test_models_lists_served_names(app_factory: Callable[..., FastAPI]) ->
         assert (
             await c.post("/v1/chat/completions", json=chat_body(model="alias"))
         ).status_code == 200
+
+
+ADMIN = "sk-admin"
+
+
+@pytest.fixture
+def adapter_root(tmp_path: Path) -> Path:
+    root = tmp_path / "adapters"
+    write_adapter(root / "tutor")
+    write_adapter(root / "guide")
+    return root
+
+
+async def test_admin_keys_alone_load_and_unload_adapters(adapter_root: Path) -> None:
+    """With --admin-api-key, the key given to an avatar platform cannot unload or repoint a
+    persona; the admin key can, and opens nothing else."""
+    engine = FakeEngine(max_model_len=256, adapter_rank=8)
+    app = await started(persona_app(engine, adapter_root, admin_api_key=[ADMIN]))
+    load = {"lora_name": "guide", "lora_path": "guide"}
+    async with open_client(app) as chat_key:
+        for path, body in (("/v1/load_lora_adapter", load),
+                           ("/v1/unload_lora_adapter", {"lora_name": "tutor"})):  # fmt: skip
+            err = assert_error(await chat_key.post(path, json=body), 401)
+            assert err["code"] == "insufficient_permissions", err
+        assert (await chat_key.post("/v1/chat/completions", json=chat_body())).status_code == 200
+    async with open_client(app, key=None) as anon, open_client(app, key="wrong") as wrong:
+        assert_error(await anon.post("/v1/load_lora_adapter", json=load), 401)
+        assert_error(await wrong.post("/v1/load_lora_adapter", json=load), 401)
+    async with open_client(app, key=ADMIN) as admin:
+        assert (await admin.post("/v1/load_lora_adapter", json=load)).status_code == 200
+        r = await admin.post("/v1/unload_lora_adapter", json={"lora_name": "tutor"})
+        assert r.status_code == 200
+        assert_error(await admin.post("/v1/chat/completions", json=chat_body()), 401)
+    assert [card["id"] for card in app.state.personas.cards()] == [MODEL, "guide"]
+
+
+async def test_an_admin_key_is_enough_for_runtime_updates(adapter_root: Path) -> None:
+    engine = FakeEngine(max_model_len=256, adapter_rank=8)
+    app = await started(persona_app(engine, adapter_root, api_key=[], admin_api_key=[ADMIN]))
+    load = {"lora_name": "guide", "lora_path": "guide"}
+    async with open_client(app, key=None) as anon:
+        assert_error(await anon.post("/v1/load_lora_adapter", json=load), 401)
+        assert (await anon.post("/v1/chat/completions", json=chat_body())).status_code == 200
+    async with open_client(app, key=ADMIN) as admin:
+        assert (await admin.post("/v1/load_lora_adapter", json=load)).status_code == 200
+
+
+def test_an_admin_key_must_not_be_an_api_key(adapter_root: Path) -> None:
+    with pytest.raises(ValueError, match="must not also be an --api-key"):
+        make_settings(api_key=["shared"], admin_api_key=["shared"])
+
+
+async def test_adapter_routes_check_the_key_before_the_body(adapter_root: Path) -> None:
+    engine = FakeEngine(max_model_len=256, adapter_rank=8)
+    app = await started(persona_app(engine, adapter_root, admin_api_key=[ADMIN]))
+    reads = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        await asyncio.Event().wait()  # a body that never finishes arriving
+        raise AssertionError("unreachable")
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = http_scope("/v1/load_lora_adapter", key=KEY, extra=[(b"content-length", b"4000000")])
+    await asyncio.wait_for(app(scope, receive, send), 2)
+    assert sent[0]["status"] == 401 and reads == 0

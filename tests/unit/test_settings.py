@@ -16,6 +16,9 @@ def test_flags_win_over_env_and_env_over_defaults() -> None:
     s = parse_settings(["--port", "9002", "--max-model-len", "1024"], env)
     assert s.port == 9002
     assert s.api_key == ["a", "b"]
+    # A key given on the command line replaces the variable's keys: a rotated-out key must
+    # not stay valid because a manifest still sets it.
+    assert parse_settings(["--api-key", "new"], env).api_key == ["new"]
     assert s.engine_args["max_model_len"] == 1024
     assert s.engine_args["dtype"] == "float32"
     assert parse_settings([], env).port == 9001
@@ -205,3 +208,29 @@ def test_demo_personas_turn_lora_on(tmp_path: Path) -> None:
     s = parse_settings(["--demo-personas", "--demo-model-dir", str(tmp_path / "demo")], {})
     assert s.engine_args["enable_lora"] is True
     assert s.lora_adapter_root == tmp_path / "demo-personas"
+
+
+def test_write_timeout_and_admin_keys_from_flags_and_environment(tmp_path: Path) -> None:
+    env = {"AVATAR_WRITE_TIMEOUT": "12.5", "AVATAR_ADMIN_API_KEY": "adm1, adm2"}
+    s = parse_settings([], env)
+    assert s.write_timeout == 12.5 and s.admin_api_key == ["adm1", "adm2"]
+    argv = ["--write-timeout", "5", "--admin-api-key", "x", "--admin-api-key", "y"]
+    s = parse_settings(argv, env)
+    assert s.write_timeout == 5 and s.admin_api_key == ["x", "y"], "flags replace the variable"
+    assert parse_settings([], {}).write_timeout == 30, "a stalled client holds a slot 30 s at most"
+    # An admin key alone is a key for the runtime adapter routes (the chat then runs open).
+    runtime = ["--enable-lora", "--allow-runtime-lora-updating", "--admin-api-key", "adm"]
+    assert parse_settings([*runtime, "--lora-adapter-root", str(tmp_path)], {}).api_key == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--write-timeout", "0"], "--write-timeout"),
+     (["--api-key", "same", "--admin-api-key", "same"], "must not also be an --api-key")],
+)  # fmt: skip
+def test_bad_write_timeout_or_shared_admin_key_fail_loudly(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(argv, {})
+    assert message in capsys.readouterr().err
