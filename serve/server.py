@@ -22,6 +22,7 @@ import contextlib
 import gc
 import logging
 import multiprocessing.process
+import multiprocessing.resource_tracker
 import signal
 import socket
 import sys
@@ -160,6 +161,9 @@ def children_ignore_sigint() -> Iterator[None]:
     start = multiprocessing.process.BaseProcess.start
 
     def start_without_sigint(process: Any) -> None:
+        # Starting the resource tracker (on the first spawn) unblocks SIGINT on its way out,
+        # which would undo the block below: have it running first.
+        multiprocessing.resource_tracker.ensure_running()
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             start(process)

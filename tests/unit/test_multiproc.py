@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -23,9 +24,8 @@ from fastapi import FastAPI
 from serve.app import create_app
 from serve.engine.fake import FakeEngine
 from serve.multiproc import Started, Supervisor, check_split, split_limit
-from serve.server import children_ignore_sigint
 from serve.settings import Settings
-from tests.support import wait_until
+from tests.support import ROOT, wait_until
 from tests.unit.conftest import make_settings, open_client
 
 
@@ -287,27 +287,44 @@ def test_one_signal_drains_and_exits_0_a_second_exits_at_once(spawn: Spawn) -> N
 # -- Ctrl-C reaches the server process only --------------------------------------------------
 
 
-def _report_mask_then_wait(out: multiprocessing.Queue[bool]) -> None:
+def _report_mask_then_wait(out: Any) -> None:
     # What vLLM's engine core does: a SIGINT handler that would end the process.
     signal.signal(signal.SIGINT, lambda *_: os._exit(3))
-    out.put(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    out.send(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
     while True:
         time.sleep(0.05)
 
 
+# Run in a fresh interpreter: its first spawn also starts multiprocessing's resource tracker,
+# which unblocks SIGINT on its way out (as at the server's start-up).
+_CTRL_C = """
+import multiprocessing, os, signal
+from serve.server import children_ignore_sigint
+from tests.unit.test_multiproc import _report_mask_then_wait
+
+ctx = multiprocessing.get_context("spawn")
+reader, writer = ctx.Pipe(duplex=False)  # no lock: the tracker is not started before
+with children_ignore_sigint():
+    child = ctx.Process(target=_report_mask_then_wait, args=(writer,))
+    child.start()
+print("child blocks SIGINT:", reader.recv())
+print("parent blocks SIGINT:", signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+os.kill(child.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends to the whole group
+child.join(1)
+print("child alive after SIGINT:", child.exitcode is None)
+child.terminate()  # the parent's order
+child.join(30)
+print("child exit code after SIGTERM:", child.exitcode)
+"""
+
+
 def test_processes_started_by_the_server_never_hear_ctrl_c() -> None:
-    ctx = multiprocessing.get_context("spawn")
-    out: multiprocessing.Queue[bool] = ctx.Queue()
-    with children_ignore_sigint():
-        child = ctx.Process(target=_report_mask_then_wait, args=(out,))
-        child.start()
-    try:
-        assert out.get(timeout=60) is True, "SIGINT is blocked in the child"
-        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, []), "not here"
-        os.kill(child.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends to the group
-        child.join(1)
-        assert child.exitcode is None, "the child ignored it"
-    finally:
-        child.terminate()
-        child.join(30)
-    assert child.exitcode == -signal.SIGTERM, "SIGTERM, the parent's order, still works"
+    run = subprocess.run(
+        [sys.executable, "-c", _CTRL_C], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert run.stdout.splitlines() == [
+        "child blocks SIGINT: True",
+        "parent blocks SIGINT: False",
+        "child alive after SIGINT: True",
+        f"child exit code after SIGTERM: {-signal.SIGTERM}",
+    ], run.stdout + run.stderr
