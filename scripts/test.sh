@@ -20,6 +20,7 @@ work="$(mktemp -d)"
 setup_s=0
 report() {
   rc=$?
+  [ -z "${mypy_pid:-}" ] || kill "$mypy_pid" 2>/dev/null || true  # if pytest was interrupted
   echo "== time: $lane run $( ((rc == 0)) && echo passed || echo FAILED) in $((SECONDS - t0)) s" \
     "(set-up ${setup_s} s, checks and tests $((SECONDS - t0 - setup_s)) s)"
   rm -rf "$work"
@@ -28,21 +29,23 @@ trap report EXIT
 
 # While the set-up runs: the metrics test scrapes the server with a real Prometheus (Debian's
 # package), and the deploy tests use pinned tools in .tools/ (both install once).
-pids=()
+prometheus_pid=
 if [ "$fast" = 0 ] && ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &&
   [ "$(id -u)" = 0 ]; then
   echo "== installing prometheus (Debian package) for the scrape test"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
     --no-install-recommends prometheus) >"$work/prometheus.log" 2>&1 &
-  pids+=($!)
+  prometheus_pid=$!
 fi
-bash tests/deploy/install_tools.sh >"$work/deploy-tools.log" 2>&1 &
-pids+=($!)
+# The deploy tests install their tools themselves when they must (and report a failure there).
+bash tests/deploy/install_tools.sh >/dev/null 2>&1 &
+tools_pid=$!
 scripts/setup.sh
+wait "$tools_pid" || true
+if [ -n "$prometheus_pid" ]; then
+  wait "$prometheus_pid" || { cat "$work/prometheus.log"; exit 1; }
+fi
 setup_s=$((SECONDS - t0))
-for pid in "${pids[@]}"; do
-  wait "$pid" || { cat "$work"/*.log; exit 1; }
-done
 
 # One command per line: `set -e` does not stop on a failure inside an && chain.
 echo "== ruff"
@@ -63,5 +66,6 @@ pytest_rc=0
 echo "== mypy"
 mypy_rc=0
 wait "$mypy_pid" || mypy_rc=$?
+mypy_pid=
 cat "$work/mypy.log"
 [ "$pytest_rc" = 0 ] && [ "$mypy_rc" = 0 ]
