@@ -152,6 +152,13 @@ def build_parser(doc: str | None = None) -> argparse.ArgumentParser:
     )
     w.add_argument("--tool-tokens", type=int, default=DEFAULTS.tool_tokens)
     w.add_argument(
+        "--tool-choice",
+        choices=("none", "auto"),
+        default="none",
+        help="tool_choice of the requests that do not force a call (auto: a real model may "
+        "call a tool on its own; the server needs auto tool choice on)",
+    )
+    w.add_argument(
         "--ignore-eos",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -227,6 +234,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
             cps=args.cps,
             tool_tokens=args.tool_tokens,
             leave_on_refusal=args.after_refusal == "leave",
+            tool_choice=args.tool_choice,
         ),
         ignore_eos=args.ignore_eos,
         timeout_s=args.timeout,

@@ -6,7 +6,8 @@ Per turn (``voice_plan.TurnPlan``):
    closed) after its delay; the next request goes out at that moment, as LiveKit's preemptive
    generation does when the transcript changes (at most three requests per turn);
 3. the confirmed request: the whole history and the final transcript. On a tool turn it forces
-   a call; the call and the tool's result are appended, and a follow-up request makes the
+   a call (with ``tool_choice`` "auto" elsewhere the model may call one too); the call and the
+   tool's result are appended, and a follow-up request (``tool_choice`` "none") makes the
    spoken reply;
 4. the reply is spoken (``voice_speech``); on a barge-in the user cuts in after
    ``barge_in_s`` seconds of speech, the stream is closed if still open, and the history keeps
@@ -27,10 +28,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from loadtest.voice_client import CONFIRMED, FOLLOWUP, SPECULATIVE, StreamResult, VoiceClient
-from loadtest.voice_plan import TOOLS, Message, SessionPlan, TurnPlan, fit_history
+from loadtest.voice_plan import TOOLS, Message, SessionPlan, ToolPlan, TurnPlan, fit_history
 from loadtest.voice_speech import simulate
 
 OK, REFUSED, ERROR = "ok", "refused", "error"
+UNPLANNED_RESULT = '{"status": "ok"}'  # the result of a call the model chose itself
 
 
 @dataclass
@@ -74,6 +76,7 @@ class SessionOptions:
     cps: float = 15.0
     tool_tokens: int = 40
     leave_on_refusal: bool = True
+    tool_choice: str = "none"  # of the requests that do not force a call: "none" or "auto"
 
 
 def _answered(rec: TurnRecord, r: StreamResult) -> bool:
@@ -102,7 +105,6 @@ def _add_usage(rec: TurnRecord, r: StreamResult) -> None:
 
 def _tool_messages(rec: TurnRecord, r: StreamResult, turn: TurnPlan, call_id: str) -> list[Message]:
     """The assistant's call and the tool's result, as the next request carries them."""
-    assert turn.tool is not None
     call = r.tool_calls[min(r.tool_calls)]
     args = call["arguments"]
     try:
@@ -110,14 +112,15 @@ def _tool_messages(rec: TurnRecord, r: StreamResult, turn: TurnPlan, call_id: st
     except ValueError:
         args, rec.tool_args_invalid = "{}", True
     call_id = call["id"] or call_id
-    fn = {"name": call["name"] or turn.tool.name, "arguments": args}
+    planned = turn.tool or ToolPlan(call["name"], UNPLANNED_RESULT)  # an "auto" call
+    fn = {"name": call["name"] or planned.name, "arguments": args}
     return [
         {
             "role": "assistant",
             "content": None,
             "tool_calls": [{"id": call_id, "type": "function", "function": fn}],
         },
-        {"role": "tool", "tool_call_id": call_id, "content": turn.tool.result},
+        {"role": "tool", "tool_call_id": call_id, "content": planned.result},
     ]
 
 
@@ -148,7 +151,7 @@ async def run_session(
             plan.system, history, opts.max_context_chars, tools_chars + len(turn.user_text)
         )
         base: list[Message] = [{"role": "system", "content": plan.system}, *kept]
-        choice: Any = "none" if tools else None
+        choice: Any = opts.tool_choice if tools else None
         max_tokens = turn.max_tokens
         if turn.tool is not None:
             choice = {"type": "function", "function": {"name": turn.tool.name}}
@@ -183,7 +186,8 @@ async def run_session(
             assert first.first_token is not None
             rec.ttft_s = first.first_token - first.sent
             _add_usage(rec, first)
-        if ok and turn.tool is not None:
+        if ok and (turn.tool is not None or (first.tool_calls and not first.cancelled)):
+            rec.tool = True
             if not first.tool_calls:
                 rec.outcome, rec.error = ERROR, "no tool call in a forced call's answer"
                 ok = False

@@ -162,9 +162,10 @@ class FakeServer:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         choice = body.get("tool_choice")
+        asked = str(body["messages"][-1].get("content"))
         try:
-            if isinstance(choice, dict):
-                name = choice["function"]["name"]
+            if isinstance(choice, dict) or (choice == "auto" and "weather" in asked):
+                name = choice["function"]["name"] if isinstance(choice, dict) else "get_weather"
                 pieces = [{"id": "call_1", "type": "function", "function": {"name": name}}]
                 pieces += [{"function": {"arguments": a}} for a in ('{"day": ', '"friday"', "}")]
                 tokens = len(pieces)
@@ -304,6 +305,23 @@ async def test_session_speculative_barge_in_and_tool_turn(fake: FakeServer) -> N
     assert not last.after_cut and not last.barge_in and last.heard_chars == last.reply_chars
     assert first.cached_tokens is None  # a reply cut mid-stream has no usage
     assert last.cached_tokens is not None and last.prompt_tokens
+
+
+async def test_a_call_the_model_chose_is_answered_too(fake: FakeServer) -> None:
+    plan = SessionPlan(
+        0,
+        "travel_buddy",
+        "You are Kai.",
+        (_turn(user_text="What is the weather?"), _turn(user_text="Nice.")),
+    )
+    turns: list[TurnRecord] = []
+    opts = SessionOptions(tools=True, cps=1000.0, tool_choice="auto")
+    async with VoiceClient(fake.url + "/v1", DEMO_MODEL_NAME) as client:
+        t0 = time.perf_counter()
+        await run_session(plan, client, opts, t0=t0, stop_at=t0 + 60, turns_out=turns)
+    assert [t.outcome for t in turns] == [OK, OK] and turns[0].tool and not turns[1].tool
+    assert [b["tool_choice"] for b in fake.bodies] == ["auto", "none", "auto"]
+    assert fake.bodies[1]["messages"][-1]["content"] == '{"status": "ok"}'
 
 
 async def test_underrun_counted_on_a_slow_stream(fake: FakeServer) -> None:
