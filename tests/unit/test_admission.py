@@ -92,7 +92,7 @@ async def test_a_drain_refuses_the_waiting_requests_at_once(
         ]
         await _until(lambda: app.state.admission.waiting == 2)
         app.state.admission.draining = True  # what SIGTERM does
-        refused = await asyncio.wait_for(asyncio.gather(*queued), 2)
+        refused = await asyncio.wait_for(asyncio.gather(*queued), 10)  # not the queue's 30 s
         assert [r.status_code for r in refused] == [503, 503]
         assert {r.json()["error"]["code"] for r in refused} == {"draining"}
         assert app.state.admission.waiting == 0
@@ -123,10 +123,10 @@ async def test_a_request_cancelled_as_its_slot_arrives_stops() -> None:
     admission.release()  # the slot goes to the waiting request...
     await asyncio.sleep(0)
     task.cancel()  # ...as its client leaves
-    await asyncio.wait_for(stopped.wait(), 2)
+    await asyncio.wait_for(stopped.wait(), 10)
     assert task.cancelled()
     assert (admission.running, admission.waiting) == (0, 0)
-    await asyncio.wait_for(admission.acquire(), 1)  # the slot is free again
+    await asyncio.wait_for(admission.acquire(), 10)  # the slot is free again
 
 
 async def test_a_slot_handed_to_a_waiter_that_gives_up_passes_on() -> None:
@@ -141,5 +141,5 @@ async def test_a_slot_handed_to_a_waiter_that_gives_up_passes_on() -> None:
     admission.release()  # handed to the first waiter...
     first.cancel()  # ...which gives up in the same turn
     await asyncio.gather(first, return_exceptions=True)
-    await asyncio.wait_for(second, 1)  # the slot was passed on, not lost
+    await asyncio.wait_for(second, 10)  # the slot was passed on, not lost
     assert (admission.running, admission.waiting) == (1, 0)

@@ -263,5 +263,5 @@ async def test_adapter_routes_check_the_key_before_the_body(adapter_root: Path) 
         sent.append(message)
 
     scope = http_scope("/v1/load_lora_adapter", key=KEY, extra=[(b"content-length", b"4000000")])
-    await asyncio.wait_for(app(scope, receive, send), 2)
+    await asyncio.wait_for(app(scope, receive, send), 10)
     assert sent[0]["status"] == 401 and reads == 0

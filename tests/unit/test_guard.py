@@ -229,7 +229,7 @@ async def test_a_client_that_stops_reading_frees_its_slot(
     engine.token_delay = 0.002
     app = app_factory(max_running_requests=1, write_timeout=0.3)
     stalled = StalledReader(chat_body(stream=True, max_tokens=200, ignore_eos=True), frames=3)
-    await asyncio.wait_for(stalled.run(app), 5)
+    await asyncio.wait_for(stalled.run(app), 30)
     assert app.state.admission.running == 0, "the slot is free"
     assert engine.num_unfinished_requests() == 0 and len(engine.aborted) == 1
     text = _metrics(app)
@@ -247,7 +247,7 @@ async def test_a_client_that_stops_reading_just_before_the_end_frees_its_slot(
     not wait for the client either."""
     app = app_factory(write_timeout=0.3)
     stalled = StalledReader(chat_body(stream=True, max_tokens=4), frames=None)
-    await asyncio.wait_for(stalled.run(app), 5)
+    await asyncio.wait_for(stalled.run(app), 30)
     assert stalled.body_bytes.endswith(b"data: [DONE]\n\n"), "every frame was written"
     assert app.state.admission.running == 0, "the slot is free"
     labels = {"status": "499", "finish_reason": "abort"}
@@ -259,9 +259,10 @@ async def test_a_client_that_reads_slowly_is_not_cut(
 ) -> None:
     """The timeout is on progress, not on the whole answer: slower in all than the write
     timeout, every write still moves, and the answer arrives whole."""
-    app = app_factory(write_timeout=0.2)
-    slow = SlowReader(chat_body(stream=True, max_tokens=12, ignore_eos=True), delay=0.04)
-    await asyncio.wait_for(slow.run(app), 10)
+    # Each write takes 0.05 s, 40 times less than the timeout (room for a loaded machine).
+    app = app_factory(write_timeout=2)
+    slow = SlowReader(chat_body(stream=True, max_tokens=48, ignore_eos=True), delay=0.05)
+    await asyncio.wait_for(slow.run(app), 30)
     assert slow.status == 200
     assert slow.body_bytes.endswith(b"data: [DONE]\n\n")
     assert engine.aborted == []
@@ -288,7 +289,7 @@ async def test_the_key_is_checked_before_the_body_is_read(
         sent.append(message)
 
     scope = http_scope(path, key="wrong", extra=[(b"content-length", b"4194304")])
-    await asyncio.wait_for(app(scope, receive, send), 2)
+    await asyncio.wait_for(app(scope, receive, send), 10)
     assert sent[0]["status"] == 401 and reads == 0
     assert json.loads(sent[1]["body"])["error"]["type"] == "authentication_error"
     assert metric_value(_metrics(app), "avatar_requests_rejected_total", reason="auth") == 1
