@@ -123,7 +123,7 @@ def test_a_client_that_stops_reading_is_let_go_and_its_slot_freed() -> None:
                     and metric_value(text, "avatar_engine_unfinished_requests") == 0
                 )
 
-            wait_until(let_go, 30, 0.1, "the stalled request let go")
+            wait_until(let_go, 60, 0.1, "the stalled request let go")
             headers = {"Authorization": f"Bearer {KEY}"}
             r = httpx.post(f"{base}/v1/chat/completions", json=chat_body(), headers=headers)
             assert r.status_code == 200, "the slot serves the next client"
