@@ -76,8 +76,11 @@ def server_command(port: int, *extra: str) -> list[str]:
 
 # Windows wide enough for a loaded 2-core machine: the admission test must see the waiting request
 # while it waits, and the running ones must outlive the queue timeout before their deadline cuts
-# them.
+# them. The deadline must also come before the running streams end by themselves: 3,800 tokens
+# take about 13 s on a quiet machine, so a 15 s deadline let them finish first (the admission
+# test's failures "with no root cause": quiet runs, not loaded ones).
 LIMITED_QUEUE_TIMEOUT_S = 5
+LIMITED_REQUEST_DURATION_S = 9
 SOAK_API_KEY = "soak-test-key"
 
 # The flags of the server fixtures, by fixture name (tests/conftest.py, tests/e2e/conftest.py,
@@ -93,7 +96,8 @@ SERVER_FIXTURES: dict[str, tuple[str, ...]] = {
     # JSON route (tests/e2e/test_tools_e2e.py).
     "limited_server": (
         "--max-running-requests", "2", "--max-waiting-requests", "1",
-        "--queue-timeout", str(LIMITED_QUEUE_TIMEOUT_S), "--max-request-duration", "15",
+        "--queue-timeout", str(LIMITED_QUEUE_TIMEOUT_S),
+        "--max-request-duration", str(LIMITED_REQUEST_DURATION_S),
     ),
     "reasoning_server": ("--reasoning-parser", "deepseek_r1"),
     # Room for 2 running and 2 waiting: the soak's bursts must draw 429s.
