@@ -59,7 +59,8 @@ echo "== pytest ($lane)"
 pytest_args=(--durations=10)
 if [ "$fast" = 1 ]; then
   workers=$(nproc)
-  pytest_args+=(-m "not e2e" -n "$((workers < 4 ? workers : 4))" --dist loadgroup)
+  # --dist loadfile: a module's tests on one worker, so its fixtures are built once.
+  pytest_args+=(-m "not e2e" -n "$((workers < 4 ? workers : 4))" --dist loadfile)
 fi
 pytest_rc=0
 .venv/bin/python -m pytest "${pytest_args[@]}" "$@" || pytest_rc=$?

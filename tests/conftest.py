@@ -76,10 +76,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _needs_engine(item) and item.get_closest_marker("e2e") is None:
             item.add_marker(pytest.mark.e2e)
-        # Under pytest-xdist (--dist loadgroup): a module's tests on one worker (its fixtures
-        # built once); the engine tests, if any, one after another on one worker, as without.
-        engine = item.get_closest_marker("e2e") is not None
-        item.add_marker(pytest.mark.xdist_group("engine" if engine else _relative(item)))
 
     def rank(item: pytest.Item) -> int:
         if item.get_closest_marker("e2e") is None:
