@@ -29,7 +29,7 @@ from tests.support import (
 HERE = Path(__file__).resolve().parent
 
 # Fixtures that are, or stand on, a real server.
-ENGINE_FIXTURES = frozenset({*SERVER_FIXTURES, "server_url", "small_server", "persona_server"})
+ENGINE_FIXTURES = frozenset({*SERVER_FIXTURES, "server_url", "persona_server"})
 
 # Servers that tests start inside their own bodies, because the test ends them (a drain, a
 # crash): planned here by test function, so that each is started ahead of its test too. A test
@@ -154,6 +154,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     flags use this one and leave it as they found it."""
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     with running_server(log_path, *SERVER_FIXTURES["server"]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Room for 2 running and 2 waiting, no parser, no deadline (``SERVER_FIXTURES``): the soak
+    (tests/loadtest/test_soak.py) and the forced calls without a parser (tests/e2e)."""
+    log_path = tmp_path_factory.mktemp("small") / "server.log"
+    with running_server(log_path, *SERVER_FIXTURES["small_server"]) as srv:
         yield srv
 
 

@@ -81,7 +81,6 @@ def server_command(port: int, *extra: str) -> list[str]:
 # test's failures "with no root cause": quiet runs, not loaded ones).
 LIMITED_QUEUE_TIMEOUT_S = 5
 LIMITED_REQUEST_DURATION_S = 9
-SOAK_API_KEY = "soak-test-key"
 
 # The flags of the server fixtures, by fixture name (tests/conftest.py, tests/e2e/conftest.py,
 # tests/loadtest/test_soak.py): tests/conftest.py plans them, and starts each ahead of its first
@@ -92,17 +91,18 @@ SERVER_FIXTURES: dict[str, tuple[str, ...]] = {
     "server": (
         "--api-key", TEST_API_KEY, "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
     ),
-    # Admission limits. No tool or reasoning parser: forced calls here take vLLM's generic
-    # JSON route (tests/e2e/test_tools_e2e.py).
+    # Admission limits and a deadline.
     "limited_server": (
         "--max-running-requests", "2", "--max-waiting-requests", "1",
         "--queue-timeout", str(LIMITED_QUEUE_TIMEOUT_S),
         "--max-request-duration", str(LIMITED_REQUEST_DURATION_S),
     ),
     "reasoning_server": ("--reasoning-parser", "deepseek_r1"),
-    # Room for 2 running and 2 waiting: the soak's bursts must draw 429s.
+    # Room for 2 running and 2 waiting: the soak's bursts must draw 429s. No tool or reasoning
+    # parser, no deadline: forced calls here take vLLM's generic JSON route
+    # (tests/e2e/test_tools_e2e.py).
     "small_server": (
-        "--max-running-requests", "2", "--max-waiting-requests", "2", "--api-key", SOAK_API_KEY,
+        "--max-running-requests", "2", "--max-waiting-requests", "2", "--api-key", TEST_API_KEY,
     ),
 }  # fmt: skip
 

@@ -78,15 +78,13 @@ async def test_forced_calls_match_the_schema(server: ServerProcess, choice: Any)
         assert_valid_call(call.function.name, call.function.arguments)
 
 
-async def test_forced_calls_without_a_parser_are_json_guided(
-    limited_server: ServerProcess,
-) -> None:
+async def test_forced_calls_without_a_parser_are_json_guided(small_server: ServerProcess) -> None:
     """A server with no tool parser (its limits do not come into it: one request at a time):
     forced calls take vLLM's generic JSON route."""
-    assert not {"--tool-call-parser", "--reasoning-parser"} & set(limited_server.proc.args)
+    assert not {"--tool-call-parser", "--reasoning-parser"} & set(small_server.proc.args)
     for choice in ("required", NAMED):
         for seed in range(3):
-            resp = await sdk(limited_server).chat.completions.create(
+            resp = await sdk(small_server).chat.completions.create(
                 model=MODEL,
                 messages=USER,  # type: ignore[arg-type]
                 tools=TOOLS,  # type: ignore[arg-type]

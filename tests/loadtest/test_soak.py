@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from loadtest.soak_hostile import has_error_shape, hostile_cases
 from loadtest.soak_metrics import Sample, parse_metrics
 from loadtest.soak_summary import Goals, exit_code, format_report, summarize
 from loadtest.soak_traffic import NORMAL_EXPECTED, Outcome, ends_with_done
-from tests.support import SERVER_FIXTURES, SOAK_API_KEY, ServerProcess, running_server
+from tests.support import TEST_API_KEY, ServerProcess
 
 MiB = 2**20
 
@@ -240,15 +240,7 @@ async def test_soak_reports_missing_done_and_a_leaked_request(
 
 # -- the real server ---------------------------------------------------------------------------
 
-API_KEY = SOAK_API_KEY
-
-
-@pytest.fixture(scope="module")
-def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Ours on the demo model with room for 2 running and 2 waiting: bursts must draw 429s."""
-    log_path = tmp_path_factory.mktemp("soak-server") / "serve.log"
-    with running_server(log_path, *SERVER_FIXTURES["small_server"]) as srv:
-        yield srv
+API_KEY = TEST_API_KEY  # the key of ``small_server`` (tests/conftest.py)
 
 
 @pytest.mark.e2e
