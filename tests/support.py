@@ -26,12 +26,35 @@ MODEL = DEMO_MODEL_NAME  # the name the server gives the demo model
 TEST_API_KEY = "test-key-123"
 # Small enough that several engines fit beside each other on a 24 GiB machine.
 TEST_KV_CACHE_BYTES = 256 * 1024 * 1024
+# The test servers' context window: the demo model's 4,096 positions stretched with vLLM's own
+# --hf-overrides (its rotary embedding has no length limit; 32,768 tokens of KV take 32 MiB).
+# Tests that cut a stream (a disconnect, a kill, a deadline, a reload under load) ask for
+# ENDLESS_TOKENS, which no machine we run on generates within a test (about 100 s here): a
+# stream of 3,000-4,000 tokens, "seconds long" on one machine, ended before the cut on a faster
+# CI machine, and the tests failed.
+TEST_CONTEXT = 32768
+ENDLESS_TOKENS = TEST_CONTEXT - 512
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def tokens_lasting(base_url: str, seconds: float, headers: dict[str, str] | None = None) -> int:
+    """``max_tokens`` of a stream that lasts about ``seconds`` on this machine now, for tests
+    whose streams must still run when something happens and then end by themselves (a drain).
+    Measured on one answer alone, its prefill and HTTP included: the estimate errs short, so ask
+    for more seconds than the test needs (streams sharing a batch run a little slower)."""
+    probe = 256
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": probe, "ignore_eos": True}  # fmt: skip
+    started = time.perf_counter()
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+    r.raise_for_status()
+    rate = probe / (time.perf_counter() - started)
+    return max(probe, min(ENDLESS_TOKENS, int(rate * seconds)))
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):  # type: ignore[no-untyped-def]
@@ -69,16 +92,15 @@ def server_command(port: int, *extra: str) -> list[str]:
         "--port", str(port),
         "--demo-model-dir", str(DEMO_MODEL_DIR),
         "--kv-cache-memory-bytes", str(TEST_KV_CACHE_BYTES),
-        "--max-model-len", "4096",
+        "--hf-overrides", f'{{"max_position_embeddings": {TEST_CONTEXT}}}',
+        "--max-model-len", str(TEST_CONTEXT),
         *extra,
     ]  # fmt: skip
 
 
 # Windows wide enough for a loaded 2-core machine: the admission test must see the waiting request
-# while it waits, and the running ones must outlive the queue timeout before their deadline cuts
-# them. The deadline must also come before the running streams end by themselves: 3,800 tokens
-# take about 13 s on a quiet machine, so a 15 s deadline let them finish first (the admission
-# test's failures "with no root cause": quiet runs, not loaded ones).
+# while it waits, and the running ones (ENDLESS_TOKENS long) must outlive the queue timeout before
+# the deadline cuts them.
 LIMITED_QUEUE_TIMEOUT_S = 5
 LIMITED_REQUEST_DURATION_S = 9
 

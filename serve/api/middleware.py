@@ -46,7 +46,7 @@ GENERATION_PATHS = frozenset(
     {"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions"}
 )
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # After the deadline, how long we try to tell a client that is still reading.
 _FAREWELL_TIMEOUT_S = 1.0
 
@@ -136,7 +136,7 @@ class RequestGuard:
             return
         arrival = time.perf_counter()
         incoming = _header(scope, b"x-request-id")
-        if incoming is not None and _REQUEST_ID_OK.match(incoming.decode("latin-1")):
+        if incoming is not None and _REQUEST_ID_OK.fullmatch(incoming.decode("latin-1")):
             request_id = incoming.decode("latin-1")
         else:
             request_id = uuid.uuid4().hex

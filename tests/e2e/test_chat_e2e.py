@@ -11,7 +11,15 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from tests.support import MODEL, TEST_API_KEY, ServerProcess, metric_value, wait_until
+from tests.support import (
+    ENDLESS_TOKENS,
+    MODEL,
+    TEST_API_KEY,
+    TEST_CONTEXT,
+    ServerProcess,
+    metric_value,
+    wait_until,
+)
 
 MESSAGES = [
     {"role": "system", "content": "You are a friendly museum guide."},
@@ -143,7 +151,9 @@ async def test_models_and_auth(server: ServerProcess) -> None:
 async def test_context_window_and_unknown_model(server: ServerProcess) -> None:
     client = sdk(server)
     with pytest.raises(openai.BadRequestError) as too_long:
-        await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4090)  # type: ignore[arg-type]
+        await client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=TEST_CONTEXT - 2
+        )  # type: ignore[arg-type]
     assert too_long.value.code == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):
         await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
@@ -182,7 +192,7 @@ async def test_disconnect_mid_stream_aborts_engine_request(
         "model": MODEL,
         "messages": MESSAGES,
         "stream": True,
-        "max_tokens": 4000,
+        "max_tokens": ENDLESS_TOKENS,
         "ignore_eos": True,
     }
     headers = {**auth_headers, "X-Request-Id": "leaves-early"}
@@ -210,7 +220,7 @@ async def test_disconnect_mid_stream_aborts_engine_request(
         assert metric_value(after, name, **labels) == metric_value(before, name, **labels) + 1
     entry = wait_until(lambda: _access_entry(server, "leaves-early"), 10, what="access log")
     assert entry["finish_reason"] == "abort" and entry["status"] == 499
-    assert entry["output_tokens"] < 4000, "generation stopped when the client left"
+    assert entry["output_tokens"] < ENDLESS_TOKENS, "generation stopped when the client left"
 
 
 def _access_entry(server: ServerProcess, request_id: str) -> dict[str, object] | None:

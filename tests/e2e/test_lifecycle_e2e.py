@@ -15,15 +15,24 @@ import httpx
 import psutil
 import pytest
 
-from tests.support import MODEL, metric_value, running_server, wait_until
+from tests.support import (
+    ENDLESS_TOKENS,
+    MODEL,
+    metric_value,
+    running_server,
+    tokens_lasting,
+    wait_until,
+)
 
 
 def chat(**extra: object) -> dict[str, object]:
     return {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], **extra}
 
 
-async def read_stream(client: httpx.AsyncClient, url: str, first: asyncio.Event) -> str:
-    body = chat(stream=True, max_tokens=1500, ignore_eos=True)
+async def read_stream(
+    client: httpx.AsyncClient, url: str, first: asyncio.Event, max_tokens: int
+) -> str:
+    body = chat(stream=True, max_tokens=max_tokens, ignore_eos=True)
     parts: list[str] = []
     async with client.stream("POST", url, json=body) as resp:
         assert resp.status_code == 200
@@ -39,9 +48,12 @@ async def test_sigterm_drains_streams_then_exits_zero(tmp_path: Path, how: str) 
     whole process group, the engine core included, which must not cut the streams."""
     with running_server(tmp_path / "server.log", "--drain-timeout", "180") as server:
         url = f"{server.base_url}/v1/chat/completions"
+        # Seconds long on this machine, whatever its speed: the signal must come mid-stream, and
+        # the drain must wait for the streams to end by themselves.
+        tokens = await asyncio.to_thread(tokens_lasting, server.base_url, 10)
         async with httpx.AsyncClient(timeout=120) as client:
             firsts = [asyncio.Event() for _ in range(3)]
-            streams = [asyncio.create_task(read_stream(client, url, ev)) for ev in firsts]
+            streams = [asyncio.create_task(read_stream(client, url, ev, tokens)) for ev in firsts]
             await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 30)
             if how == "ctrl-c":
                 os.killpg(server.proc.pid, signal.SIGINT)  # the server leads its own group
@@ -68,6 +80,8 @@ async def test_sigterm_drains_streams_then_exits_zero(tmp_path: Path, how: str) 
         assert code == 0
         drained = re.search(r"drained in ([0-9.]+) s", server.log())
         assert drained, server.log()[-2000:]
+        waited_for = re.search(r"waiting up to \S+ s for (\d+) request", server.log())
+        assert waited_for and int(waited_for.group(1)) >= 1, "the signal came mid-stream"
         print(
             f"\n/ready failed {ready_failed_after * 1000:.0f} ms after SIGTERM; "
             f"drain of 3 streams took {drained.group(1)} s"
@@ -112,7 +126,7 @@ async def read_stream_allowing_errors(
     parts: list[str] = []
     try:
         async with client.stream(
-            "POST", url, json=chat(stream=True, max_tokens=3000, ignore_eos=True)
+            "POST", url, json=chat(stream=True, max_tokens=ENDLESS_TOKENS, ignore_eos=True)
         ) as resp:
             async for chunk in resp.aiter_text():
                 parts.append(chunk)

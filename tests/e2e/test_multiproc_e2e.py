@@ -18,7 +18,15 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.support import MODEL, ServerProcess, metric_value, running_server, wait_until
+from tests.support import (
+    ENDLESS_TOKENS,
+    MODEL,
+    ServerProcess,
+    metric_value,
+    running_server,
+    tokens_lasting,
+    wait_until,
+)
 
 TWO = ("--api-server-count", "2")
 
@@ -107,8 +115,11 @@ async def test_two_front_ends_serve_metrics_add_up_and_ctrl_c_drains_both(
             texts = {r.json()["choices"][0]["message"]["content"] for r in answers}
             assert len(texts) == 1, texts
 
+            # Seconds long on this machine, whatever its speed: the signal comes mid-stream, and
+            # the drains wait for the streams to end by themselves.
+            tokens = await asyncio.to_thread(tokens_lasting, server.base_url, 10)
             firsts = [asyncio.Event() for _ in range(4)]
-            streams = [asyncio.create_task(stream_text(client, url, ev, 1500)) for ev in firsts]
+            streams = [asyncio.create_task(stream_text(client, url, ev, tokens)) for ev in firsts]
             await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 60)
             # Every process of the group gets it, as from a terminal: only the parent may act
             # on it (the engine core would abort the streams, a front end would take the
@@ -129,6 +140,9 @@ async def test_two_front_ends_serve_metrics_add_up_and_ctrl_c_drains_both(
             assert last["choices"][0]["finish_reason"] == "length"
         assert await asyncio.to_thread(server.proc.wait, 120) == 0
         assert server.log().count("drained in") == 2, "each front end drained"
+        # The streams were still running at the signal.
+        waited_for = re.findall(r"waiting up to \S+ s for (\d+) request", server.log())
+        assert sum(map(int, waited_for)) >= 1, "the signal came mid-stream"
 
 
 async def test_engine_core_death_fails_requests_and_exits_nonzero(tmp_path: Path) -> None:
@@ -137,7 +151,8 @@ async def test_engine_core_death_fails_requests_and_exits_nonzero(tmp_path: Path
         url = f"{server.base_url}/v1/chat/completions"
         async with httpx.AsyncClient(timeout=60) as client:
             first = asyncio.Event()
-            stream = asyncio.create_task(stream_text(client, url, first, 3000))
+            # An answer no machine finishes within the test: the death comes mid-stream.
+            stream = asyncio.create_task(stream_text(client, url, first, ENDLESS_TOKENS))
             await asyncio.wait_for(first.wait(), 30)
             for proc in children(server, "EngineCore"):
                 proc.kill()

@@ -148,3 +148,9 @@ async def test_request_id_is_honoured(client: httpx.AsyncClient, engine: FakeEng
         "/v1/chat/completions", json=chat_body(), headers={"X-Request-Id": "bad id\x01"}
     )
     assert r.headers["x-request-id"] != "bad id\x01" and len(r.headers["x-request-id"]) == 32
+    # A trailing newline would forge a line in a log that quotes the id (a "$" regex allowed it).
+    r = await client.post(
+        "/v1/chat/completions", json=chat_body(), headers={"X-Request-Id": "call-42\n"}
+    )
+    assert r.headers["x-request-id"] != "call-42\n" and len(r.headers["x-request-id"]) == 32
+    assert engine.seen[-1][0] == r.headers["x-request-id"]
