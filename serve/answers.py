@@ -32,6 +32,7 @@ class Prepared:
     adapter: Adapter | None = None  # the persona answering; None for the base model
     reasoning: bool = False  # the engine has a reasoning parser (the answer carries thoughts)
     parsed: bool = False  # the engine splits the answer into text, reasoning and tool calls
+    priority: int = 0  # vLLM's: lower is served earlier (with --scheduling-policy priority)
 
 
 async def plain_frames(

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp
 
 from serve import __version__
 from serve.admission import Admission
+from serve.admission_predictor import WaitPredictor
 from serve.api import adapters, generation, ops
 from serve.api.auth import BearerAuth
 from serve.api.errors import install_error_handlers
@@ -73,6 +74,7 @@ def create_app(
         settings.max_waiting_requests,
         settings.queue_timeout,
         metrics,
+        WaitPredictor(_seats(settings, engine)),
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -99,6 +101,16 @@ def create_app(
     )
     _hoist_schema_defs(app)
     return app
+
+
+def _seats(settings: Settings, engine: Engine) -> int:
+    """Requests this front end can have running in the engine at once: its admission limit, or
+    its share of the engine's batch (--max-num-seqs) when that is smaller. Past it a request
+    waits for a seat, in our queue or the engine's, and the predictor must count that wait."""
+    seats = settings.max_running_requests
+    if engine.max_num_seqs is not None:
+        seats = min(seats, max(1, engine.max_num_seqs // settings.api_server_count))
+    return seats
 
 
 class _App(FastAPI):

@@ -49,15 +49,19 @@ class APIError(Exception):
         }
 
 
-RefusalReason = Literal["overload", "queue_timeout", "draining"]
+RefusalReason = Literal["overload", "queue_timeout", "draining", "slo_unattainable", "slo_expired"]
+# Refusals of a request's TTFT budget: 429, so that a client (or a gateway) retries elsewhere.
+SLO_REFUSALS = ("slo_unattainable", "slo_expired")
 
 
 class Refused(Exception):
-    """Admission turned a request away: at capacity, waited too long, or draining."""
+    """Admission turned a request away: at capacity, waited too long, draining, or its TTFT
+    budget cannot be met. ``retry_after``: seconds, for the header (default 1)."""
 
-    def __init__(self, reason: RefusalReason, message: str) -> None:
+    def __init__(self, reason: RefusalReason, message: str, retry_after: str = "1") -> None:
         super().__init__(message)
         self.reason = reason
+        self.retry_after = retry_after
 
 
 def error_json(error: APIError) -> bytes:
@@ -110,13 +114,13 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, Refused):
-        if exc.reason == "overload":
+        if exc.reason == "overload" or exc.reason in SLO_REFUSALS:
             return APIError(
                 429,
                 str(exc),
                 type="rate_limit_error",
-                code="server_overloaded",
-                headers={"Retry-After": "1"},
+                code="server_overloaded" if exc.reason == "overload" else exc.reason,
+                headers={"Retry-After": exc.retry_after},
             )
         return unavailable(str(exc), exc.reason)
     if isinstance(exc, EngineDeadError):
@@ -144,7 +148,7 @@ def reject_reason(error: APIError) -> str | None:
     if error.status == 413:
         return "too_large"
     if error.status == 429:
-        return "overload"
+        return error.code if error.code in SLO_REFUSALS else "overload"
     if error.status == 503 and error.code in ("draining", "queue_timeout"):
         return error.code
     if (400 <= error.status < 500 and error.status != 404) or error.code == "model_not_found":

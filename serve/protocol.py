@@ -164,6 +164,9 @@ class SamplingFields(_Request):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     min_tokens: NonNegInt = 0
     ignore_eos: bool = False
+    # vLLM's: lower is served earlier when the engine runs --scheduling-policy priority; ignored
+    # otherwise, as vLLM ignores it. The X-Vllm-Priority header wins over it (vLLM's rule).
+    priority: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] = 0
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -23,6 +23,7 @@ import orjson
 from starlette.responses import Response
 
 from serve.admission import Admission
+from serve.admission_predictor import Demand
 from serve.answers import Prepared, collect_parsed, collect_plain, parsed_frames, plain_frames
 from serve.chat import chat_turn, engine_messages, request_schemas, structured_output
 from serve.engine.base import (
@@ -56,6 +57,10 @@ class GenerationService:
         self._admission = admission
         self._personas = personas
         self._max_stop = settings.max_stop_sequences
+        ms = settings.default_slo_ttft_ms
+        self._default_budget = ms / 1000 if ms is not None else None
+        # Our queue orders by priority only where the engine does (vLLM ignores it otherwise).
+        self._priority_queue = engine.priority_scheduling
         self._log_prompts = settings.log_prompts
         self._chat = ChatConfig(
             chat_template=settings.chat_template,
@@ -211,6 +216,7 @@ class GenerationService:
             req.include_usage,
             fmt,
             reasoning=self._engine.reasoning,
+            priority=req.priority,
         )
 
     def _fit_window(
@@ -247,17 +253,37 @@ class GenerationService:
 
     # -- run ---------------------------------------------------------------------------------
 
-    async def respond(self, p: Prepared, record: RequestRecord) -> Response:
+    async def respond(
+        self,
+        p: Prepared,
+        record: RequestRecord,
+        ttft_budget: float | None = None,
+        priority: int | None = None,
+    ) -> Response:
         """Admit, start the engine, wait for its first delta, then stream or collect.
+
+        ``ttft_budget`` (seconds, from ``x-slo-ttft-ms``; else the server's default) and
+        ``priority`` (the ``X-Vllm-Priority`` header, which wins over the body's) go to admission
+        and the engine.
 
         Waiting for the first delta before answering lets a request that fails to start get a
         real status (400, 503) instead of a 200 with an error frame; the first frame then goes
         out with the headers, so this costs no time to first token.
         """
         record.queued = time.perf_counter()
-        await self._admission.acquire()
+        if priority is not None:
+            p.priority = priority
+        demand = Demand(len(p.prompt_ids), p.priority if self._priority_queue else 0)
+        budget = ttft_budget if ttft_budget is not None else self._default_budget
+        if budget is not None:
+            # The budget counts from the request's arrival, as the client's clock does.
+            demand.budget, demand.deadline = budget, record.arrival + budget
+            record.ttft_budget = budget
+        await self._admission.acquire(demand)
         record.admitted = time.perf_counter()
-        stream = self._engine.generate(p.prompt_ids, p.options, p.request_id, p.turn, p.adapter)
+        stream = self._engine.generate(
+            p.prompt_ids, p.options, p.request_id, p.turn, p.adapter, priority=p.priority
+        )
         closed = False
 
         async def close() -> None:
@@ -268,7 +294,7 @@ class GenerationService:
             try:
                 await stream.aclose()  # aborts the engine request if it is unfinished
             finally:
-                self._admission.release()
+                self._admission.release(demand, *_decode_time(record))
 
         try:
             first = await anext(stream)
@@ -276,6 +302,7 @@ class GenerationService:
             await close()
             raise
         record.first_delta = time.perf_counter()
+        self._admission.started(demand, first.num_cached_tokens)
         record.engine_times = first.engine_times
         if first.num_prompt_tokens is not None:
             record.prompt_tokens = first.num_prompt_tokens  # the engine's count is the truth
@@ -288,6 +315,14 @@ class GenerationService:
         finally:
             await close()
         return Response(body, media_type="application/json")
+
+
+def _decode_time(record: RequestRecord) -> tuple[float | None, int]:
+    """Seconds between the first and last token, and the gaps in them (what a decode step
+    takes now, for admission's predictor)."""
+    if record.first_token is None or record.last_token is None:
+        return None, 0
+    return record.last_token - record.first_token, len(record.gaps)
 
 
 def _token_id(key: str) -> int:

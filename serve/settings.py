@@ -116,6 +116,15 @@ class Settings(BaseModel):
     queue_timeout: float = Field(
         30.0, gt=0, description="Seconds a request may wait for admission before it gets 503."
     )
+    default_slo_ttft_ms: float | None = Field(
+        None,
+        gt=0,
+        le=3_600_000,
+        description="The time-to-first-token budget, in milliseconds, of a request without an "
+        "x-slo-ttft-ms header: one that cannot be met is refused at once (429 "
+        "slo_unattainable), one that runs out while waiting is refused, not started (429 "
+        "slo_expired). None (the default): only requests that carry the header have a budget.",
+    )
     max_request_duration: float = Field(
         600.0,
         gt=0,

@@ -88,7 +88,11 @@ TTFT_STAGES = {
     "write": "the first frame formatted and handed to the socket",
 }
 
-REJECT_REASONS = ("overload", "auth", "validation", "draining", "queue_timeout", "too_large")
+REJECT_REASONS = (
+    "overload", "auth", "validation", "draining", "queue_timeout", "too_large",
+    "slo_unattainable", "slo_expired",
+)  # fmt: skip
+SLO_OUTCOMES = ("met", "missed")
 FINISH_REASONS = ("stop", "length", "tool_calls", "abort", "error")
 
 # A `_created` sample per label set and family would add one series to every histogram's and
@@ -190,6 +194,13 @@ class Metrics:
             "avatar_requests_rejected", "Requests refused before reaching the engine, by reason.",
             ("reason",), registry=registry,
         )  # fmt: skip
+        self.slo_ttft = Counter(
+            "avatar_slo_ttft_requests",
+            "Requests with a TTFT budget (x-slo-ttft-ms or the server's default) that reached "
+            "the engine, by whether the first token came within it (refusals: "
+            "avatar_requests_rejected_total, reasons slo_*).",
+            ("outcome",), registry=registry,
+        )  # fmt: skip
         self.disconnects = Counter(
             "avatar_client_disconnects", "Requests whose client left before the response ended.",
             ("endpoint",), registry=registry,
@@ -234,6 +245,8 @@ class Metrics:
             self.loop_tasks.set_function(_loop_tasks)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)  # export zeros, so rate() works from the first scrape
+        for outcome in SLO_OUTCOMES:
+            self.slo_ttft.labels(outcome)
 
     def bind_engine(self, engine: EngineState) -> None:
         """Read engine state at scrape time rather than on the request path."""
@@ -350,6 +363,7 @@ class RequestRecord:
     first_reasoning: float | None = None
     last_reasoning: float | None = None
     reasoning_tokens: int | None = None  # the engine's count, set at the end
+    ttft_budget: float | None = None  # seconds: the request's TTFT budget, if it had one
 
     def on_reasoning(self, num_tokens: int, now: float) -> None:
         """Per reasoning frame (parsed answers only): its time, and its tokens as output."""
@@ -440,3 +454,16 @@ class RequestRecord:
             metrics.prompt_tokens.inc(self.prompt_tokens)
             metrics.generation_tokens.inc(self.output_tokens)
         metrics.requests.labels(self.endpoint, str(self.status), reason).inc()
+        if self.ttft_budget is not None and self.admitted is not None:
+            self._judge_slo(metrics, now, reason)
+
+    def _judge_slo(self, metrics: Metrics, now: float, reason: str) -> None:
+        """Met or missed, for a request that reached the engine. One that ended without a first
+        token (tools only, or it failed or was cut) counts as missed only if its budget ran out
+        first: ended within it, it neither met nor missed anything."""
+        assert self.ttft_budget is not None
+        if self.first_token is not None:
+            met = self.first_token - self.arrival <= self.ttft_budget
+            metrics.slo_ttft.labels("met" if met else "missed").inc()
+        elif reason in ("abort", "error") and now - self.arrival > self.ttft_budget:
+            metrics.slo_ttft.labels("missed").inc()

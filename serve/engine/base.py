@@ -186,6 +186,17 @@ class Engine(Protocol):
         """A reasoning parser is configured: chat answers carry their thoughts apart."""
         ...
 
+    @property
+    def priority_scheduling(self) -> bool:
+        """The engine orders its waiting requests by ``priority`` (vLLM's
+        ``--scheduling-policy priority``); otherwise first come, first served."""
+        ...
+
+    @property
+    def max_num_seqs(self) -> int | None:
+        """Requests the engine runs in one batch at most (vLLM's ``--max-num-seqs``), if known."""
+        ...
+
     def check_chat_config(self, config: ChatConfig) -> None:
         """Load what ``config`` names (template, parsers); ValueError if this engine cannot."""
         ...
@@ -219,10 +230,13 @@ class Engine(Protocol):
         request_id: str,
         turn: ChatTurn | None = None,
         adapter: Adapter | None = None,
+        priority: int = 0,
     ) -> AsyncGenerator[Delta, None]:
         """Stream deltas for one request. Closing the generator early aborts the request.
 
         ``adapter``: the persona to answer as (loaded with ``load_adapter``); None, the base.
+        ``priority``: lower is served earlier, when ``priority_scheduling`` (ignored otherwise,
+        as vLLM ignores it).
 
         ``turn`` is the chat request's tools and settings (None for a text completion): tool
         choices that force a call are guided by the tools' schemas, and the answer is parsed

@@ -43,6 +43,8 @@ class FakeEngine:
         tokenizer: Any = None,
         reasoning_parser: str | None = None,
         adapter_rank: int | None = None,
+        priority_scheduling: bool = False,
+        max_num_seqs: int | None = None,
     ) -> None:
         self._max_model_len = max_model_len
         self._vocab_size = vocab_size
@@ -56,6 +58,9 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.rendered: list[list[dict[str, Any]]] = []
         self.turns: list[ChatTurn | None] = []  # the turn of each generate() call
+        self.priorities: list[int] = []  # the priority of each generate() call
+        self._priority_scheduling = priority_scheduling
+        self._max_num_seqs = max_num_seqs
         self.script: list[str] | None = None  # the reply's text chunks, when set
         # Adapters: None serves none; else the largest rank, and the loads and uses seen.
         self._adapter_rank = adapter_rank
@@ -87,6 +92,14 @@ class FakeEngine:
     @property
     def reasoning(self) -> bool:
         return self._chat is not None and bool(self._chat.reasoning)
+
+    @property
+    def priority_scheduling(self) -> bool:
+        return self._priority_scheduling
+
+    @property
+    def max_num_seqs(self) -> int | None:
+        return self._max_num_seqs
 
     def check_chat_config(self, config: ChatConfig) -> None:
         if self._chat is not None:
@@ -136,6 +149,7 @@ class FakeEngine:
         request_id: str,
         turn: ChatTurn | None = None,
         adapter: Adapter | None = None,
+        priority: int = 0,
     ) -> AsyncGenerator[Delta, None]:
         if not self._alive:
             raise EngineDeadError("the engine is not running")
@@ -144,6 +158,7 @@ class FakeEngine:
             raise EngineInputError("Token id out of vocabulary", param="prompt", public=True)
         self.seen.append((request_id, list(prompt_token_ids), options))
         self.turns.append(turn)
+        self.priorities.append(priority)
         if self.script is not None:
             async for delta in self._scripted(prompt_token_ids, options, request_id, turn):
                 yield delta

@@ -144,6 +144,14 @@ class VllmEngine:
     def reasoning(self) -> bool:
         return self._chat.reasoning
 
+    @property
+    def priority_scheduling(self) -> bool:
+        return str(self._llm.vllm_config.scheduler_config.policy) == "priority"
+
+    @property
+    def max_num_seqs(self) -> int | None:
+        return int(self._llm.vllm_config.scheduler_config.max_num_seqs)
+
     def check_chat_config(self, config: ChatConfig) -> None:
         self._chat.check(config)
 
@@ -187,6 +195,7 @@ class VllmEngine:
         request_id: str,
         turn: ChatTurn | None = None,
         adapter: Adapter | None = None,
+        priority: int = 0,
     ) -> AsyncGenerator[Delta, None]:
         first = True
         stream = None
@@ -201,6 +210,7 @@ class VllmEngine:
                 request_id,
                 lora_request=_lora_request(adapter) if adapter is not None else None,
                 reasoning_ended=parser.reasoning_ended if parser is not None else None,
+                priority=priority,  # vLLM's FCFS scheduler ignores it, its priority one heeds it
             )
             async for out in stream:
                 completion = out.outputs[0]
