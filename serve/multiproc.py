@@ -16,9 +16,9 @@ Decisions:
 - Metrics: prometheus_client's multiprocess mode; one scrape of any process shows the sum.
 - ``/ready`` is true only while every front end serves (a shared flag per process).
 - SIGTERM (or Ctrl-C) to the parent drains every front end (each runs the single-process
-  drain), then the engine stops. The children never hear a terminal's SIGINT
-  (``serve.server.children_ignore_sigint``): the front ends take their order from the parent,
-  once, and the engine core does not abort what they are draining.
+  drain), then the engine stops. The children never act on a terminal's SIGINT
+  (``serve.server.children_ignore_sigint``; front ends ignore it): the front ends take their
+  order from the parent, once, and the engine core does not abort what they are draining.
 - If the engine core dies, each front end notices and exits 1 after
   ``--engine-dead-exit-delay``; if any front end dies, the rest are stopped. Either way the
   parent exits 1 so the orchestrator restarts the whole server, whatever signal arrives while
@@ -266,14 +266,20 @@ def _front_end_main(
     listen_address: str, sock: socket.socket, spec: _FrontEndSpec, client: dict[str, Any]
 ) -> None:
     """The entry point of front-end process ``client["client_index"]`` (spawned)."""
+    # A terminal's Ctrl-C is the parent's to relay (as SIGTERM, once). SIGINT arrives blocked,
+    # as in every process the server starts; a front end, ours to write, ignores it outright
+    # instead of running with a signal blocked for its whole life.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     from vllm.utils.system_utils import set_process_title
 
-    from serve.server import configure_logging
+    from serve.server import configure_logging, enable_stack_dumps
 
     index = int(client["client_index"])
     set_process_title("APIServer", str(index))
     settings = spec.settings
     configure_logging(settings.log_level)
+    enable_stack_dumps()
     count = settings.api_server_count
     # Each process admits its exact share, so the server as a whole keeps the configured limits.
     settings = settings.model_copy(
@@ -352,6 +358,8 @@ def _peer_server_class(peer_loads: Any, index: int, ready: Any) -> type[Any]:
             ready[index] = 1 if self.started else 0
 
         def handle_exit(self, sig: int, frame: Any) -> None:
+            if sig == signal.SIGINT:
+                return  # Ctrl-C: the parent relays it as SIGTERM (uvicorn would listen)
             ready[index] = 0
             super().handle_exit(sig, frame)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import logging
 import multiprocessing.process
@@ -264,6 +265,12 @@ class FrontEnd:
     server_cls: type[DrainingServer]
     metrics: Metrics
     peers_ready: Callable[[], bool]
+
+
+def enable_stack_dumps() -> None:
+    """``kill -USR1 PID`` writes every thread's stack to stderr (the log): how an operator, or a
+    test whose server never came ready, sees where a process waits."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def configure_logging(level: str) -> None:

@@ -281,11 +281,33 @@ def running_server(
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
             return httpx.get(f"{server.base_url}/ready", timeout=2).status_code == 200
 
-        wait_until(ready, ready_timeout, interval=0.25, what="server readiness")
+        try:
+            wait_until(ready, ready_timeout, interval=0.25, what="server readiness")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; where it waits:\n{_stacks(server)}") from None
         yield server
     finally:
         stop_process_group(proc)
         started.log_file.close()
+
+
+def _stacks(server: ServerProcess) -> str:
+    """The stacks of a server that never came ready: the server process and its front ends
+    print them to the log on SIGUSR1 (serve.server.enable_stack_dumps)."""
+    import psutil
+
+    before = len(server.log())
+    ours = [server.proc.pid]
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(server.proc.pid).children(recursive=True):
+            if "APIServer" in " ".join(child.cmdline()):
+                ours.append(child.pid)
+    for pid in ours:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: server.log().count("Current thread") >= len(ours), 10, what="dumps")
+    return server.log()[before:][-12000:]
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

@@ -127,3 +127,23 @@ def test_a_client_that_stops_reading_is_let_go_and_its_slot_freed() -> None:
             headers = {"Authorization": f"Bearer {KEY}"}
             r = httpx.post(f"{base}/v1/chat/completions", json=chat_body(), headers=headers)
             assert r.status_code == 200, "the slot serves the next client"
+
+
+def test_sigusr1_prints_every_threads_stack() -> None:
+    """An operator (or a test whose server never came ready) sends SIGUSR1 to see where a server
+    process waits; the process goes on running."""
+    code = (
+        "import os, signal, threading, time\n"
+        "from serve.server import enable_stack_dumps\n"
+        "enable_stack_dumps()\n"
+        "def waiting_in_a_thread(): time.sleep(30)\n"
+        "threading.Thread(target=waiting_in_a_thread, daemon=True).start()\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "print('still running')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Current thread" in done.stderr and "waiting_in_a_thread" in done.stderr
+    assert done.stdout.strip() == "still running"
