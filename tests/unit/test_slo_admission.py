@@ -328,3 +328,19 @@ async def test_a_waiting_request_of_higher_priority_counts_fewer_ahead() -> None
         waiter.cancel()
     await asyncio.gather(*waiters, return_exceptions=True)
     assert (admission.running, admission.waiting) == (1, 0)
+
+
+# -- flags ---------------------------------------------------------------------------------
+
+
+def test_the_flags_pass_through_the_cli() -> None:
+    """vLLM's --scheduling-policy reaches the engine unchanged (our CLI adds vLLM's own engine
+    flags); the default budget is ours, a flag or its variable."""
+    from serve.cli import parse_settings
+
+    settings = parse_settings(["--scheduling-policy", "priority", "--default-slo-ttft-ms", "700"])
+    assert settings.engine_args["scheduling_policy"] == "priority"
+    assert settings.default_slo_ttft_ms == 700
+    from_env = parse_settings([], {"AVATAR_DEFAULT_SLO_TTFT_MS": "250"})
+    assert from_env.default_slo_ttft_ms == 250
+    assert parse_settings([], {}).default_slo_ttft_ms is None, "off by default"
