@@ -14,9 +14,18 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from serve.engine.base import Adapter, ChatTurn, Delta, SamplingOptions, ToolCallDelta
+from serve.choices import Choices
+from serve.engine.base import (
+    Adapter,
+    ChatTurn,
+    ChoiceDelta,
+    Delta,
+    SamplingOptions,
+    ToolCallDelta,
+)
 from serve.errors import aborted, to_api_error
-from serve.streaming import DONE_FRAME, ChunkFormat, error_frame
+from serve.logprobs import CompletionLogprobs, chat_content, prompt_logprobs
+from serve.streaming import DONE_FRAME, ChunkFormat, error_frame, usage_dict
 from serve.telemetry import RequestRecord
 
 
@@ -33,6 +42,8 @@ class Prepared:
     reasoning: bool = False  # the engine has a reasoning parser (the answer carries thoughts)
     parsed: bool = False  # the engine splits the answer into text, reasoning and tool calls
     priority: int = 0  # vLLM's: lower is served earlier (with --scheduling-policy priority)
+    # Several answers, or more than text in them (serve.choices); None: the plain path.
+    choices: Choices | None = None
 
 
 async def plain_frames(
@@ -189,3 +200,168 @@ def _merge_call(calls: dict[int, dict[str, Any]], call: ToolCallDelta) -> None:
     if call.name:
         whole["function"]["name"] += call.name
     whole["function"]["arguments"] += call.arguments
+
+
+# -- detailed answers (serve.choices): several choices, logprobs, echo, usage per chunk -------
+
+
+class _Choice:
+    """One choice of a detailed answer, as it grows."""
+
+    __slots__ = ("chat_logprobs", "finish_reason", "index", "logprobs", "started", "text")
+
+    def __init__(self, index: int, spec: Choices, chat: bool) -> None:
+        self.index = index
+        self.started = False
+        self.text: list[str] = []
+        self.chat_logprobs: list[dict[str, Any]] = []
+        self.logprobs = (
+            CompletionLogprobs(spec.logprobs) if spec.logprobs is not None and not chat else None
+        )
+        self.finish_reason: str | None = None
+
+    def opening(self, spec: Choices, delta: ChoiceDelta) -> str:
+        """The text before the choice's first tokens: the echoed prompt (and its logprobs)."""
+        self.started = True
+        if spec.echo is None:
+            return ""
+        prompt = spec.echo[self.index // spec.n]
+        if self.logprobs is not None and delta.prompt_logprobs is not None:
+            first = spec.echo_first[self.index // spec.n]
+            for pos in delta.prompt_logprobs:
+                self.logprobs.add(pos, first)
+            self.logprobs.offset = len(prompt)
+        return prompt
+
+    def add_logprobs(self, spec: Choices, delta: ChoiceDelta) -> None:
+        if spec.logprobs is None or not delta.logprobs:
+            return
+        if self.logprobs is not None:
+            for pos in delta.logprobs:
+                self.logprobs.add(pos)
+        else:
+            self.chat_logprobs.extend(chat_content(delta.logprobs, spec.logprobs))
+
+    def take_logprobs(self, spec: Choices) -> dict[str, Any] | None:
+        if spec.logprobs is None:
+            return None
+        if self.logprobs is not None:
+            return self.logprobs.take()
+        content, self.chat_logprobs = self.chat_logprobs, []
+        return {"content": content}
+
+
+async def choice_frames(
+    p: Prepared, delta: Delta, stream: AsyncGenerator[Delta, None], record: RequestRecord
+) -> AsyncGenerator[bytes, None]:
+    """Frames of a detailed answer: each frame one choice's new text, with its ``index``, its
+    tokens' logprobs, and the usage so far with ``continuous_usage_stats``."""
+    spec = p.choices
+    assert spec is not None
+    fmt = p.format
+    chosen = [_Choice(i, spec, fmt.chat) for i in range(spec.total)]
+    clock = time.perf_counter
+    prompt_tokens = 0
+    cached: int | None = None
+    left = spec.total
+    try:
+        while True:
+            assert isinstance(delta, ChoiceDelta)
+            reason = delta.finish_reason
+            if reason == "abort":
+                raise aborted()
+            if delta.num_prompt_tokens is not None:
+                prompt_tokens += delta.num_prompt_tokens
+            if delta.num_cached_tokens is not None:
+                cached = (cached or 0) + delta.num_cached_tokens
+            choice = chosen[delta.index]
+            first = not choice.started
+            text = choice.opening(spec, delta) + delta.text if first else delta.text
+            choice.add_logprobs(spec, delta)
+            usage = None
+            if spec.continuous_usage:
+                usage = usage_dict(prompt_tokens, record.output_tokens + delta.num_tokens)
+            yield fmt.choice_frame(
+                _frame_choice(fmt.chat, choice, text, first, spec, reason), usage
+            )
+            record.on_text(delta.text, delta.num_tokens, clock())
+            if reason is not None:
+                record.finish_reason = reason
+                left -= 1
+                if not left:
+                    break
+            delta = await anext(stream)
+    except Exception as exc:  # cancellation (a BaseException) passes through
+        record.finish_reason = "error"
+        yield error_frame(to_api_error(exc))
+        yield DONE_FRAME
+        return
+    record.prompt_tokens = prompt_tokens
+    if p.include_usage:
+        yield fmt.usage_frame(prompt_tokens, record.output_tokens, cached)
+    yield DONE_FRAME
+
+
+def _frame_choice(
+    chat: bool, choice: _Choice, text: str, first: bool, spec: Choices, reason: str | None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"index": choice.index}
+    if chat:
+        out["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+    else:
+        out["text"] = text
+    out["logprobs"] = choice.take_logprobs(spec)
+    out["finish_reason"] = reason
+    return out
+
+
+async def collect_choices(
+    p: Prepared, delta: Delta, stream: AsyncGenerator[Delta, None], record: RequestRecord
+) -> bytes:
+    spec = p.choices
+    assert spec is not None
+    fmt = p.format
+    chosen = [_Choice(i, spec, fmt.chat) for i in range(spec.total)]
+    clock = time.perf_counter
+    prompt_tokens = 0
+    cached: int | None = None
+    prompts: list[Any] = [None] * len(spec.prompts)  # each prompt's prompt_logprobs
+    left = spec.total
+    while True:
+        assert isinstance(delta, ChoiceDelta)
+        if delta.finish_reason == "abort":
+            raise aborted()
+        if delta.num_prompt_tokens is not None:
+            prompt_tokens += delta.num_prompt_tokens
+        if delta.num_cached_tokens is not None:
+            cached = (cached or 0) + delta.num_cached_tokens
+        if delta.prompt_logprobs is not None:
+            prompts[delta.index // spec.n] = prompt_logprobs(delta.prompt_logprobs)
+        choice = chosen[delta.index]
+        if not choice.started:
+            choice.text.append(choice.opening(spec, delta))
+        choice.text.append(delta.text)
+        choice.add_logprobs(spec, delta)
+        record.on_text(delta.text, delta.num_tokens, clock())
+        if delta.finish_reason is not None:
+            choice.finish_reason = record.finish_reason = delta.finish_reason
+            left -= 1
+            if not left:
+                break
+        delta = await anext(stream)
+    record.prompt_tokens = prompt_tokens
+    bodies: list[dict[str, Any]] = []
+    for choice in chosen:
+        text = "".join(choice.text)
+        body: dict[str, Any] = {"index": choice.index}
+        if fmt.chat:
+            body["message"] = {"role": "assistant", "content": text}
+        else:
+            body["text"] = text
+        body["logprobs"] = choice.take_logprobs(spec)
+        body["finish_reason"] = choice.finish_reason
+        if spec.prompt_logprobs and not fmt.chat:
+            body["prompt_logprobs"] = prompts[choice.index // spec.n]
+        bodies.append(body)
+    extra = {"prompt_logprobs": prompts[0]} if spec.prompt_logprobs and fmt.chat else None
+    return fmt.choices_body(bodies, usage_dict(prompt_tokens, record.output_tokens, cached), extra)

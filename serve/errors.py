@@ -133,7 +133,9 @@ def to_api_error(exc: BaseException) -> APIError:
             code="engine_error",
         )
     if isinstance(exc, EngineInputError):
-        message = f"{exc}." if exc.public else "The engine rejected the request's input."
+        message = "The engine rejected the request's input."
+        if exc.public:
+            message = str(exc).rstrip(".") + "."
         return invalid_request(message, param=exc.param, code="invalid_input")
     status = getattr(exc, "status_code", None)  # the framework's own HTTP errors (404, 405)
     if isinstance(status, int) and 400 <= status < 500:

@@ -55,7 +55,11 @@ class Personas:
         self._labels: set[str] = set(self._base_names[: settings.max_model_labels])
         self._max_labels = settings.max_model_labels
         started = int(time.time())
-        self._base_cards = [_card(name, started, None) for name in self._base_names]
+        # vLLM's cards: a base model's root is the model it loaded, a persona's its adapter.
+        model = str(settings.engine_args.get("model") or self._base_names[0])
+        self._base_cards = [_card(name, started, model, None) for name in self._base_names]
+        for card in self._base_cards:
+            card["max_model_len"] = engine.max_model_len
 
     async def start(self) -> None:
         """Load the ``--lora-modules`` personas; any that cannot load stops the start-up."""
@@ -85,6 +89,16 @@ class Personas:
     def cards(self) -> list[dict[str, Any]]:
         """``/v1/models`` entries: base models, then personas with their ``parent``."""
         return self._base_cards + [persona.card for persona in self._loaded.values()]
+
+    def card(self, name: str) -> dict[str, Any]:
+        """``/v1/models/{name}``: one served name's entry; 404 if nobody serves it."""
+        persona = self._loaded.get(name)
+        if persona is not None:
+            return persona.card
+        for card in self._base_cards:
+            if card["id"] == name:
+                return card
+        raise model_not_found(name)
 
     # -- runtime updates (POST /v1/load_lora_adapter, /v1/unload_lora_adapter) -----------
 
@@ -197,7 +211,8 @@ class Personas:
             raise to_api_error(exc) from exc
         self._engine_names.add(engine_name)
         parent = (module.base_model_name if module is not None else None) or self._base_names[0]
-        self._loaded[name] = _Persona(adapter, _card(name, int(time.time()), parent))
+        card = _card(name, int(time.time()), adapter.path, parent)
+        self._loaded[name] = _Persona(adapter, card)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,12 +221,12 @@ class _Persona:
     card: dict[str, Any]  # its /v1/models entry
 
 
-def _card(name: str, created: int, parent: str | None) -> dict[str, Any]:
+def _card(name: str, created: int, root: str, parent: str | None) -> dict[str, Any]:
     return {
         "id": name,
         "object": "model",
         "created": created,
         "owned_by": "avatar-llm-serve",
-        "root": name if parent is None else parent,
+        "root": root,
         "parent": parent,
     }

@@ -22,6 +22,8 @@ NonNegInt = Annotated[int, Field(ge=0)]
 Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 # OpenAI's limit: each tool costs a schema check and prompt text.
 MAX_TOOLS = 128
+MAX_N = 128  # answers per prompt
+MAX_PROMPTS = 256  # prompts in one completions request
 
 
 def _refuse(value: Any) -> Any:
@@ -32,6 +34,18 @@ def _refuse(value: Any) -> Any:
 
 
 Refused = Annotated[Any, AfterValidator(_refuse)]
+
+_INT64 = 2**63
+
+
+def _int64(value: int) -> int:
+    # The engine's random generator takes an int64: say the range, not only the bound crossed.
+    if not -_INT64 <= value < _INT64:
+        raise ValueError(f"must be an integer from {-_INT64} to {_INT64 - 1}")
+    return value
+
+
+Int64 = Annotated[int, AfterValidator(_int64)]
 
 
 # Client JSON that code below walks recursively (jsonschema, the chat template, vLLM, xgrammar):
@@ -81,8 +95,9 @@ class ToolCall(_Request):
 
 
 class ChatMessage(_Request):
-    # "developer" is OpenAI's newer name for "system"; it is rendered as "system".
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # "developer" is OpenAI's newer name for "system"; it is rendered as "system". Other roles
+    # go to the chat template as they are, as vLLM passes them (the template decides).
+    role: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")]
     # Null only for an assistant message that holds tool_calls (checked by the service).
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -121,6 +136,19 @@ class ResponseFormat(_Request):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk also carries the usage so far.
+    continuous_usage_stats: bool = False
+
+
+class StructuredOutputs(_Request):
+    """vLLM's ``structured_outputs``: exactly one constraint on the answer."""
+
+    json_: Schema | None = Field(None, alias="json")
+    regex: Annotated[str, Field(min_length=1, max_length=65_536)] | None = None
+    choice: Annotated[list[str], Field(min_length=1, max_length=1024)] | None = None
+    grammar: Annotated[str, Field(min_length=1, max_length=65_536)] | None = None
+    json_object: bool | None = None
+    structural_tag: Refused = None  # use tools: the tool-call parser writes the model's tags
 
 
 class SamplingFields(_Request):
@@ -133,27 +161,29 @@ class SamplingFields(_Request):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     # int64, as the engine's random generator takes it.
-    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    n: Annotated[int, Field(ge=1)] = 1
+    # Answers per prompt: vLLM's parallel sampling (one engine request, n children).
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     # Accepted and without effect here: they identify, store or bill, and change no answer.
     user: str | None = None
     # Implemented: a bias per token id (a string key, as JSON objects have), -100 to 100.
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # vLLM's: log-probabilities of each prompt token (non-streaming only; -1: all).
+    prompt_logprobs: Annotated[int, Field(ge=-1)] | None = None
+    # vLLM's: keep only the prompt's last k tokens (-1: as many as the context window holds).
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    # vLLM's guided decoding: regex, choice, grammar or JSON (or response_format on chat).
+    structured_outputs: StructuredOutputs | None = None
     # Refused: each would change the answer, and this server does not implement it.
-    logprobs: Refused = None
-    top_logprobs: Refused = None
     best_of: Refused = None
     use_beam_search: Refused = None
-    prompt_logprobs: Refused = None
     stop_token_ids: Refused = None
     bad_words: Refused = None
     allowed_token_ids: Refused = None
     include_stop_str_in_output: Refused = None
-    truncate_prompt_tokens: Refused = None
-    structured_outputs: Refused = None
     guided_json: Refused = None
     guided_regex: Refused = None
     guided_choice: Refused = None
@@ -166,7 +196,7 @@ class SamplingFields(_Request):
     ignore_eos: bool = False
     # vLLM's: lower is served earlier when the engine runs --scheduling-policy priority; ignored
     # otherwise, as vLLM ignores it. The X-Vllm-Priority header wins over it (vLLM's rule).
-    priority: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] = 0
+    priority: Int64 = 0
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -176,6 +206,12 @@ class SamplingFields(_Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's rule: usage on every chunk needs include_usage as well."""
+        options = self.stream_options
+        return bool(options and options.include_usage and options.continuous_usage_stats)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -193,6 +229,10 @@ class ChatCompletionRequest(SamplingFields):
     # As vLLM's server does: "none" renders the template with enable_thinking false, any other
     # effort with it true, unless chat_template_kwargs says otherwise.
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    logprobs: bool = False
+    # Alternatives per token, with logprobs (OpenAI's limit is 20; the engine's --max-logprobs
+    # decides, 20 by default).
+    top_logprobs: NonNegInt | None = None
     # Refused chat fields: each would change the answer.
     functions: Refused = None
     function_call: Refused = None
@@ -214,9 +254,15 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    # A string, a one-string list, or token ids, as OpenAI's legacy completions accept.
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | list[int]
-    echo: bool = False
+    # A string, token ids, or a batch of either: one choice per prompt (n per prompt).
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | list[int]
+        | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
+    echo: bool = False  # the prompt comes back before the answer
+    logprobs: NonNegInt | None = None  # alternatives per token besides the chosen one
 
     def requested_max_tokens(self) -> int | None:
         # The legacy completions API defaults to 16 tokens when max_tokens is absent.

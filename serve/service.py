@@ -22,10 +22,20 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from serve import features
 from serve.admission import Admission
 from serve.admission_predictor import Demand
-from serve.answers import Prepared, collect_parsed, collect_plain, parsed_frames, plain_frames
+from serve.answers import (
+    Prepared,
+    choice_frames,
+    collect_choices,
+    collect_parsed,
+    collect_plain,
+    parsed_frames,
+    plain_frames,
+)
 from serve.chat import chat_turn, engine_messages, request_schemas, structured_output
+from serve.choices import Choices, generate_all
 from serve.engine.base import (
     Adapter,
     ChatConfig,
@@ -92,17 +102,22 @@ class GenerationService:
             turn, structured, prompt_ids = self._chat_prompt(req, messages, record)
         if self._log_prompts:
             record.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-        p = self._prepared(req, record, request_id, prompt_ids, "chatcmpl-", structured)
+        prompt_ids = features.truncate(
+            prompt_ids, req.truncate_prompt_tokens, self._engine.max_model_len
+        )
+        parsed = self._engine.parses(turn)
+        choices = features.plan(req, [prompt_ids], parsed=parsed)
+        p = self._prepared(req, record, request_id, prompt_ids, "chatcmpl-", structured, choices)
         p.adapter = adapter
         p.turn = turn
-        p.parsed = self._engine.parses(turn)
+        p.parsed = parsed
         return p
 
     def _chat_prompt(
         self, req: ChatCompletionRequest, messages: list[dict[str, Any]], record: RequestRecord
     ) -> tuple[ChatTurn, StructuredOutput | None, list[int]]:
         turn = chat_turn(req, self._chat, self._schemas)
-        structured = structured_output(req, self._schemas)
+        structured = features.structured(req, self._schemas, structured_output(req, self._schemas))
         return turn, structured, self._render_and_encode(messages, turn, record)
 
     def _render_and_encode(
@@ -120,27 +135,38 @@ class GenerationService:
     ) -> Prepared:
         record.parsed = time.perf_counter()
         adapter = self._check_common(req, record)
-        if req.echo:
-            raise invalid_request("`echo` is not supported.", param="echo")
-        prompt = req.prompt
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            # Token ids are the client's to choose: check them here, not deep in the engine.
-            prompt_ids = [int(t) for t in prompt]
-            self._check_token_ids(prompt_ids)
+        prompts = features.prompts(req.prompt)
+        texts = [prompt for prompt in prompts if isinstance(prompt, str)]
+        if sum(map(len, texts)) > _OFFLOAD_CHARS:
+            encoded = await asyncio.to_thread(self._encode_all, prompts)
         else:
-            text = prompt if isinstance(prompt, str) else str(prompt[0])
-            if len(text) > _OFFLOAD_CHARS:
-                prompt_ids = await asyncio.to_thread(self._engine.encode, text)
-            else:
-                prompt_ids = self._engine.encode(text)
-            if self._log_prompts:
-                record.prompt_text = text
+            encoded = self._encode_all(prompts)
+        if self._log_prompts and texts:
+            record.prompt_text = "\n".join(texts)
         record.tokenized = time.perf_counter()
-        if not prompt_ids:
-            raise invalid_request("The prompt is empty.", param="prompt")
-        p = self._prepared(req, record, request_id, prompt_ids, "cmpl-", None)
+        window = self._engine.max_model_len
+        ids = [features.truncate(i, req.truncate_prompt_tokens, window) for i in encoded]
+        for n, prompt_ids in enumerate(ids):
+            if not prompt_ids:
+                param = "prompt" if len(ids) == 1 else f"prompt.{n}"
+                raise invalid_request("The prompt is empty.", param=param)
+        echo, echo_first = features.echo(self._engine, req, prompts, encoded, ids)
+        choices = features.plan(req, ids, echo=echo, echo_first=echo_first)
+        structured = features.structured(req, self._schemas, None)
+        p = self._prepared(req, record, request_id, ids[0], "cmpl-", structured, choices)
         p.adapter = adapter
         return p
+
+    def _encode_all(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        out = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                out.append(self._engine.encode(prompt))
+            else:
+                # Token ids are the client's to choose: check them here, not deep in the engine.
+                self._check_token_ids(prompt)
+                out.append(list(prompt))
+        return out
 
     def _check_token_ids(self, ids: list[int]) -> None:
         vocab = self._engine.vocab_size
@@ -157,8 +183,7 @@ class GenerationService:
         adapter = self._personas.resolve(req.model)  # 404 for a name nobody serves
         record.model = req.model
         record.model_label = self._personas.label(req.model)
-        if req.n != 1:
-            raise invalid_request("`n` must be 1: one choice per request.", param="n")
+        features.check(req)
         stops = req.stop_list()
         if len(stops) > self._max_stop:
             raise invalid_request(
@@ -197,17 +222,20 @@ class GenerationService:
         prompt_ids: list[int],
         id_prefix: str,
         structured: StructuredOutput | None,
+        choices: Choices | None = None,
     ) -> Prepared:
         chat = isinstance(req, ChatCompletionRequest)
-        record.prompt_tokens = len(prompt_ids)
-        max_tokens = self._fit_window(req, len(prompt_ids), "messages" if chat else "prompt")
+        prompts = choices.prompts if choices is not None else [prompt_ids]
+        record.prompt_tokens = sum(map(len, prompts))
+        param = "messages" if chat else "prompt"
+        max_tokens = min(self._fit_window(req, len(ids), param) for ids in prompts)
         fmt = ChunkFormat(
             chat=chat,
             response_id=id_prefix + uuid.uuid4().hex,
             created=int(time.time()),
             model=req.model,
         )
-        options = _sampling_options(req, max_tokens, structured)
+        options = _sampling_options(req, max_tokens, structured, choices)
         return Prepared(
             request_id,
             prompt_ids,
@@ -217,6 +245,7 @@ class GenerationService:
             fmt,
             reasoning=self._engine.reasoning,
             priority=req.priority,
+            choices=choices,
         )
 
     def _fit_window(
@@ -273,7 +302,8 @@ class GenerationService:
         record.queued = time.perf_counter()
         if priority is not None:
             p.priority = priority
-        demand = Demand(len(p.prompt_ids), p.priority if self._priority_queue else 0)
+        tokens = len(p.prompt_ids) if p.choices is None else sum(map(len, p.choices.prompts))
+        demand = Demand(tokens, p.priority if self._priority_queue else 0)
         budget = ttft_budget if ttft_budget is not None else self._default_budget
         if budget is not None:
             # The budget counts from the request's arrival, as the client's clock does.
@@ -281,9 +311,12 @@ class GenerationService:
             record.ttft_budget = budget
         await self._admission.acquire(demand)
         record.admitted = time.perf_counter()
-        stream = self._engine.generate(
-            p.prompt_ids, p.options, p.request_id, p.turn, p.adapter, priority=p.priority
-        )
+        if p.choices is None:
+            stream = self._engine.generate(
+                p.prompt_ids, p.options, p.request_id, p.turn, p.adapter, priority=p.priority
+            )
+        else:
+            stream = generate_all(self._engine, p, p.choices)
         closed = False
 
         async def close() -> None:
@@ -308,9 +341,13 @@ class GenerationService:
             record.prompt_tokens = first.num_prompt_tokens  # the engine's count is the truth
         if p.stream:
             frames = parsed_frames if p.parsed else plain_frames
+            if p.choices is not None:
+                frames = choice_frames
             return SSEResponse(frames(p, first, stream, record), close)
         try:
             collect = collect_parsed if p.parsed else collect_plain
+            if p.choices is not None:
+                collect = collect_choices
             body = await collect(p, first, stream, record)
         finally:
             await close()
@@ -355,7 +392,10 @@ def _chat_chars(req: ChatCompletionRequest, messages: list[dict[str, Any]]) -> i
 
 
 def _sampling_options(
-    req: SamplingFields, max_tokens: int, structured: StructuredOutput | None
+    req: SamplingFields,
+    max_tokens: int,
+    structured: StructuredOutput | None,
+    choices: Choices | None = None,
 ) -> SamplingOptions:
     """The request's sampling fields in the engine's neutral form."""
     return SamplingOptions(
@@ -373,4 +413,5 @@ def _sampling_options(
         ignore_eos=req.ignore_eos,
         structured=structured,
         logit_bias=tuple((_token_id(k), v) for k, v in (req.logit_bias or {}).items()),
+        **features.sampling(req, choices),
     )

@@ -76,6 +76,7 @@ class ChunkFormat:
             self._close = b',"logprobs":null,"finish_reason":'
         self._open_tail = self._close + b"null}]}\n\n"
         self._usage_head = head + b',"choices":[],"usage":'
+        self._head = head
 
     def frame(self, text: str, first: bool, finish_reason: str | None = None) -> bytes:
         """One content frame; the finish reason rides on the last one."""
@@ -170,17 +171,39 @@ class ChunkFormat:
         usage = usage_dict(prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens)
         return self._body(choice, usage)
 
-    def _body(self, choice: dict[str, Any], usage: dict[str, Any]) -> bytes:
-        return _dumps(
-            {
-                "id": self.response_id,
-                "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [choice],
-                "usage": usage,
-            }
-        )
+    def choice_frame(self, choice: dict[str, Any], usage: dict[str, Any] | None = None) -> bytes:
+        """A frame of one choice of a detailed answer (``serve.choices``), built whole: such
+        answers carry more than text per token, so the template's saving would be small."""
+        tail = b"]}\n\n" if usage is None else b'],"usage":' + _dumps(usage) + b"}\n\n"
+        return b"".join((self._head, b',"choices":[', _dumps(choice), tail))
+
+    def choices_body(
+        self,
+        choices: list[dict[str, Any]],
+        usage: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> bytes:
+        """The whole non-streaming response of a detailed answer; ``extra``: top-level fields
+        (vLLM's ``prompt_logprobs`` on chat)."""
+        return self._body(choices, usage, extra)
+
+    def _body(
+        self,
+        choice: dict[str, Any] | list[dict[str, Any]],
+        usage: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> bytes:
+        body = {
+            "id": self.response_id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choice if isinstance(choice, list) else [choice],
+            "usage": usage,
+        }
+        if extra:
+            body.update(extra)
+        return _dumps(body)
 
 
 def error_frame(error: APIError) -> bytes:

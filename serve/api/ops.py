@@ -7,7 +7,7 @@ from starlette.responses import JSONResponse, Response
 
 from serve.api.auth import Authenticated
 from serve.api.errors import error_response
-from serve.errors import unavailable
+from serve.errors import APIError, unavailable
 from serve.telemetry import render_latest
 
 router = APIRouter()
@@ -18,6 +18,29 @@ router = APIRouter()
 async def list_models(request: Request, _: Authenticated) -> JSONResponse:
     """The base model, then its personas (LoRA adapters) with ``parent`` naming the base."""
     return JSONResponse({"object": "list", "data": request.app.state.personas.cards()})
+
+
+@router.get("/v1/models/{model:path}")
+@router.get("/models/{model:path}")
+async def show_model(request: Request, model: str, _: Authenticated) -> Response:
+    """OpenAI's model object of one served name (a persona's ``root`` is its adapter, and
+    ``parent`` its base model, as vLLM writes them); 404 ``model_not_found`` otherwise."""
+    try:
+        return JSONResponse(request.app.state.personas.card(model))
+    except APIError as exc:
+        return error_response(exc)
+
+
+@router.get("/version")
+async def version(request: Request) -> JSONResponse:
+    """vLLM's route: the engine's version."""
+    return JSONResponse({"version": request.app.state.engine.version})
+
+
+@router.get("/load")
+async def load(request: Request) -> JSONResponse:
+    """vLLM's route: generation requests in this process, running or waiting for admission."""
+    return JSONResponse({"server_load": request.app.state.admission.in_flight})
 
 
 @router.get("/health")

@@ -14,9 +14,14 @@ from typing import Any, Literal, Protocol
 
 @dataclass(frozen=True, slots=True)
 class StructuredOutput:
-    """Guided decoding: the answer is a JSON object, matching ``json_schema`` when one is given."""
+    """Guided decoding: the answer is a JSON object, matching ``json_schema`` when one is given;
+    or (vLLM's ``structured_outputs``) it matches ``regex``, is one of ``choice``, or is written
+    in ``grammar`` (EBNF)."""
 
     json_schema: Mapping[str, Any] | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,12 @@ class SamplingOptions:
     ignore_eos: bool = False
     structured: StructuredOutput | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    # The features below are served by a generation loop of their own (``detailed``): the plain
+    # loop never looks at them.
+    n: int = 1  # answers to the one prompt, each a ChoiceDelta ``index``
+    logprobs: int | None = None  # alternatives per generated token (0: the chosen one only)
+    prompt_logprobs: int | None = None  # likewise per prompt token (first delta only)
+    detailed: bool = False  # yield ``ChoiceDelta``s: index, logprobs (set with any of the above)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +147,41 @@ class Delta:
     num_reasoning_tokens: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class LogprobEntry:
+    """One candidate token at one position: its id, text, log-probability and rank (1 is the
+    likeliest; None where the engine does not rank it)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    rank: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """The log-probabilities at one position: the token there (``token_id``) and the candidates
+    the engine reports, in the engine's order (the chosen token first, then by rank)."""
+
+    token_id: int
+    entries: tuple[LogprobEntry, ...]
+
+    def chosen(self) -> LogprobEntry | None:
+        return next((e for e in self.entries if e.token_id == self.token_id), None)
+
+
+@dataclass(slots=True)
+class ChoiceDelta(Delta):
+    """A delta of a detailed request (``SamplingOptions.detailed``): which answer it belongs to
+    (``index``, 0 to n-1), its tokens' ids and log-probabilities when asked for, and on the first
+    delta the prompt's (``prompt_logprobs``: None at the first position, which has no context)."""
+
+    index: int = 0
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+
+
 class EngineError(Exception):
     """Base of the errors an engine reports to the HTTP layer."""
 
@@ -174,6 +220,11 @@ class Engine(Protocol):
     @property
     def is_alive(self) -> bool:
         """False once the engine has died (liveness)."""
+        ...
+
+    @property
+    def version(self) -> str:
+        """The engine's version (vLLM's, for its ``/version`` route)."""
         ...
 
     @property
@@ -221,6 +272,10 @@ class Engine(Protocol):
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Tokenize a prompt. A rendered chat prompt already holds its special tokens."""
+        ...
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of token ids (a prompt given as ids, echoed back)."""
         ...
 
     def generate(

@@ -23,11 +23,14 @@ from serve.engine.base import (
     Adapter,
     ChatConfig,
     ChatTurn,
+    ChoiceDelta,
     Delta,
     EngineDeadError,
     EngineInputError,
     EngineRequestError,
+    LogprobEntry,
     SamplingOptions,
+    TokenLogprobs,
 )
 
 WORDS = ("Hello", " there", ".", " How", " can", " I", " help", " you", " today", "?")
@@ -83,6 +86,10 @@ class FakeEngine:
         return self._alive
 
     @property
+    def version(self) -> str:
+        return "0.0.0+fake"
+
+    @property
     def vocab_size(self) -> int:
         return self._vocab_size
 
@@ -116,6 +123,9 @@ class FakeEngine:
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return [min(len(word), self._vocab_size - 1) for word in text.split()]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return " ".join(f"t{t}" for t in token_ids)
 
     @property
     def max_adapter_rank(self) -> int | None:
@@ -162,6 +172,10 @@ class FakeEngine:
         if self.script is not None:
             async for delta in self._scripted(prompt_token_ids, options, request_id, turn):
                 yield delta
+            return
+        if options.detailed:
+            async for choice in self._detailed(prompt_token_ids, options, request_id):
+                yield choice
             return
         self._unfinished.add(request_id)
         queued = time.perf_counter()
@@ -245,6 +259,53 @@ class FakeEngine:
             if not finished:
                 self.aborted.append(request_id)
 
+    async def _detailed(
+        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
+    ) -> AsyncGenerator[ChoiceDelta, None]:
+        """n answers, step by step in turn; answer j starts j words into ``WORDS``. Word k of the
+        cycle is token k + 1, logprob -(k + 1) / 10, its alternatives the words after it."""
+        self._unfinished.add(request_id)
+        done: set[int] = set()
+        finished = False
+        try:
+            for i in range(options.max_tokens):
+                await asyncio.sleep(self.token_delay)
+                if not self._alive:
+                    raise EngineDeadError("the engine is not running")
+                if i == self.fail_after:
+                    finished = True
+                    raise EngineRequestError(f"the engine failed request {request_id}")
+                for j in range(options.n):
+                    if j in done:
+                        continue
+                    k = (i + j) % len(WORDS)
+                    eos = not options.ignore_eos and WORDS[k] == "?" and i >= options.min_tokens
+                    reason = "stop" if eos else ("length" if i == options.max_tokens - 1 else None)
+                    delta = ChoiceDelta(WORDS[k], 1, reason, index=j, token_ids=(k + 1,))
+                    if options.logprobs is not None:
+                        delta.logprobs = (_fake_logprobs(k, options.logprobs),)
+                    if i == 0 and j == 0:
+                        delta.num_prompt_tokens = len(prompt_token_ids)
+                        delta.num_cached_tokens = 0
+                        if options.prompt_logprobs is not None:
+                            delta.prompt_logprobs = (
+                                None,
+                                *tuple(
+                                    TokenLogprobs(t, (LogprobEntry(t, f"t{t}", -1.0, 1),))
+                                    for t in prompt_token_ids[1:]
+                                ),
+                            )
+                    if reason is not None:
+                        done.add(j)
+                    yield delta
+                if len(done) == options.n:
+                    finished = True
+                    return
+        finally:
+            self._unfinished.discard(request_id)
+            if not finished:
+                self.aborted.append(request_id)
+
     def num_unfinished_requests(self) -> int:
         return len(self._unfinished)
 
@@ -253,3 +314,11 @@ class FakeEngine:
 
     async def shutdown(self) -> None:
         self._alive = False
+
+
+def _fake_logprobs(k: int, top: int) -> TokenLogprobs:
+    entries = [LogprobEntry(k + 1, WORDS[k], -(k + 1) / 10, 1)]
+    for r in range(1, top + 1):
+        other = (k + r) % len(WORDS)
+        entries.append(LogprobEntry(other + 1, WORDS[other], -(k + 1) / 10 - r, r + 1))
+    return TokenLogprobs(k + 1, tuple(entries))

@@ -334,7 +334,14 @@ def _vllm_request(turn: ChatTurn, structured: StructuredOutput | None) -> ChatCo
     if turn.tool_choice == "function":
         choice = {"type": "function", "function": {"name": turn.tool_name}}
     response_format: dict[str, Any] | None = None
-    if structured is not None:
+    guided: dict[str, Any] | None = None  # vLLM's structured_outputs: regex, choice, grammar
+    if structured is not None and (structured.regex or structured.choice or structured.grammar):
+        guided = {
+            "regex": structured.regex,
+            "choice": list(structured.choice) if structured.choice else None,
+            "grammar": structured.grammar,
+        }
+    elif structured is not None:
         if structured.json_schema is None:
             response_format = {"type": "json_object"}
         else:
@@ -350,6 +357,7 @@ def _vllm_request(turn: ChatTurn, structured: StructuredOutput | None) -> ChatCo
             "tool_choice": choice if turn.tools else None,
             "parallel_tool_calls": turn.parallel_tool_calls,
             "response_format": response_format,
+            "structured_outputs": guided,
             "include_reasoning": turn.include_reasoning,
             "chat_template_kwargs": dict(turn.template_kwargs or {}) or None,
         }
@@ -358,6 +366,12 @@ def _vllm_request(turn: ChatTurn, structured: StructuredOutput | None) -> ChatCo
 
 def structured_outputs(structured: StructuredOutput) -> StructuredOutputsParams:
     """Guided decoding of a plain answer (no parser involved)."""
+    if structured.regex is not None:
+        return StructuredOutputsParams(regex=structured.regex)
+    if structured.choice is not None:
+        return StructuredOutputsParams(choice=list(structured.choice))
+    if structured.grammar is not None:
+        return StructuredOutputsParams(grammar=structured.grammar)
     if structured.json_schema is None:
         return StructuredOutputsParams(json_object=True)
     return StructuredOutputsParams(json=guidable(structured.json_schema))

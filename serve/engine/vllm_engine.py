@@ -24,6 +24,7 @@ from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
+from vllm.version import __version__ as VLLM_VERSION
 
 from serve.engine.base import (
     Adapter,
@@ -36,6 +37,7 @@ from serve.engine.base import (
     SamplingOptions,
 )
 from serve.engine.vllm_agents import ChatSupport, TurnParser, structured_outputs
+from serve.engine.vllm_detailed import detailed as _detailed
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,10 @@ class VllmEngine:
         return not self._llm.errored
 
     @property
+    def version(self) -> str:
+        return VLLM_VERSION
+
+    @property
     def vocab_size(self) -> int:
         return self._vocab_size
 
@@ -165,6 +171,9 @@ class VllmEngine:
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(token_ids)))
 
     @property
     def max_adapter_rank(self) -> int | None:
@@ -212,6 +221,11 @@ class VllmEngine:
                 reasoning_ended=parser.reasoning_ended if parser is not None else None,
                 priority=priority,  # vLLM's FCFS scheduler ignores it, its priority one heeds it
             )
+            if options.detailed:
+                # n answers, log-probabilities: a loop of their own, so the plain one stays as is.
+                async for choice in _detailed(stream, request_id, self._tokenizer, _engine_times):
+                    yield choice
+                return
             async for out in stream:
                 completion = out.outputs[0]
                 reason = completion.finish_reason if out.finished else None
@@ -337,6 +351,9 @@ def _sampling_params(options: SamplingOptions, parser: TurnParser | None) -> Sam
     }
     if options.logit_bias:
         kwargs["logit_bias"] = dict(options.logit_bias)
+    if options.detailed:
+        kwargs.update(n=options.n, logprobs=options.logprobs)
+        kwargs["prompt_logprobs"] = options.prompt_logprobs
     if parser is not None:
         # The parser's request decides: a forced call's grammar replaces the response format.
         kwargs["structured_outputs"] = parser.structured

@@ -124,7 +124,7 @@ BAD = [
         {"messages": [USER, {**ASKED, "tool_calls": [{**call(), "type": "code"}]}]},
         "messages.1.tool_calls.0.type",
     ),
-    ({"messages": [{"role": "function", "content": "x", "name": "f"}]}, "messages.0.role"),
+    ({"messages": [{"role": "a role", "content": "x", "name": "f"}]}, "messages.0.role"),
     ({"messages": [{**USER, "name": 5}]}, "messages.0.name"),
     # template kwargs
     ({"chat_template_kwargs": "x"}, "chat_template_kwargs"),
@@ -133,8 +133,9 @@ BAD = [
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"include_reasoning": "no"}, "include_reasoning"),
     # fields that would change the answer and are not implemented
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": "yes"}, "logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"function_call": "auto"}, "function_call"),
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
@@ -143,7 +144,8 @@ BAD = [
     ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"verbosity": "low"}, "verbosity"),
     ({"guided_json": {"type": "object"}}, "guided_json"),
-    ({"structured_outputs": {"json": {}}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
     ({"use_beam_search": True}, "use_beam_search"),
     ({"add_generation_prompt": False}, "add_generation_prompt"),
     ({"skip_special_tokens": False}, "skip_special_tokens"),
@@ -234,7 +236,7 @@ async def test_implemented_fields_reach_the_engine(
 
 async def test_text_completions_refuse_what_they_cannot_do(client: httpx.AsyncClient) -> None:
     body = {"model": chat_body()["model"], "prompt": "hi", "max_tokens": 3}
-    for field, value in (("logprobs", 2), ("best_of", 3), ("guided_regex", "a+")):
+    for field, value in (("logprobs", -1), ("best_of", 3), ("guided_regex", "a+")):
         r = await client.post("/v1/completions", json={**body, field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
