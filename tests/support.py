@@ -126,6 +126,12 @@ SERVER_FIXTURES: dict[str, tuple[str, ...]] = {
     "small_server": (
         "--max-running-requests", "2", "--max-waiting-requests", "2", "--api-key", TEST_API_KEY,
     ),
+    # Priority decides in vLLM's own queue: one sequence at a time. The write timeout outlasts a
+    # test process kept off the CPU: the endless answers are cut by the tests, not the server
+    # (tests/e2e/test_slo_e2e.py).
+    "slo_server": (
+        "--scheduling-policy", "priority", "--max-num-seqs", "1", "--write-timeout", "600",
+    ),
 }  # fmt: skip
 
 ServerKey = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]

@@ -117,7 +117,7 @@ async def test_two_front_ends_serve_metrics_add_up_and_ctrl_c_drains_both(
 
             # Seconds long on this machine, whatever its speed: the signal comes mid-stream, and
             # the drains wait for the streams to end by themselves.
-            tokens = await asyncio.to_thread(tokens_lasting, server.base_url, 10)
+            tokens = await asyncio.to_thread(tokens_lasting, server.base_url, 20)
             firsts = [asyncio.Event() for _ in range(4)]
             streams = [asyncio.create_task(stream_text(client, url, ev, tokens)) for ev in firsts]
             await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 60)

@@ -10,7 +10,7 @@ compares only the order in which answers started.
 
 Streams are read on the test's one event loop, beside its polls (a reader thread once fell a
 minute behind on a crowded machine, and the server cut its endless answer as a client that had
-stopped reading; the server's --write-timeout below is long for the same reason).
+stopped reading; the server's --write-timeout, tests/support.py, is long for the same reason).
 """
 
 from __future__ import annotations
@@ -27,18 +27,13 @@ import pytest
 from tests.support import (
     ENDLESS_TOKENS,
     MODEL,
+    SERVER_FIXTURES,
     ServerProcess,
     metric_value,
     running_server,
     wait_until,
 )
 
-# The flags of this module's server (to plan it ahead: tests/support.py SERVER_FIXTURES). The
-# write timeout outlasts a test process kept off the CPU: the endless answer must be cut by the
-# test, not by the server.
-SLO_SERVER_FLAGS = (
-    "--scheduling-policy", "priority", "--max-num-seqs", "1", "--write-timeout", "600",
-)  # fmt: skip
 CHAT = "/v1/chat/completions"
 WARM_UP = 3  # the predictor's MIN_SAMPLES: it predicts nothing before
 WARM_UP_TOKENS = 2048
@@ -48,7 +43,7 @@ PATIENCE_S = 300.0  # only a failing test waits this long
 @pytest.fixture(scope="module")
 def slo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log_path = tmp_path_factory.mktemp("slo") / "server.log"
-    with running_server(log_path, *SLO_SERVER_FLAGS) as srv:
+    with running_server(log_path, *SERVER_FIXTURES["slo_server"]) as srv:
         yield srv
 
 
@@ -167,25 +162,36 @@ async def test_a_tiny_budget_behind_a_long_answer_is_refused_at_once(
 
 
 async def test_a_high_priority_request_starts_before_the_low_ones_queued_ahead(
-    client: httpx.AsyncClient,
+    slo_server: ServerProcess, client: httpx.AsyncClient
 ) -> None:
     await until(engine_holds(client, 0), "the engine idle")
     short = body(max_tokens=16, ignore_eos=True, stream=True)
+
+    def named(name: str, **headers: str) -> dict[str, str]:
+        return {"x-request-id": f"slo-{name}", **headers}
+
     long = Stream(client, json=ENDLESS)
     try:
         await asyncio.wait_for(long.started.wait(), PATIENCE_S)  # it holds the one seat
         low = []
         for n in (1, 2):  # vLLM's body field
-            low.append(Stream(client, json={**short, "priority": 5}))
+            low.append(Stream(client, json={**short, "priority": 5}, headers=named(f"low-{n}")))
             await until(engine_holds(client, 1 + n), f"low {n} queued")
-        high = Stream(client, json=short, headers={"X-Vllm-Priority": "-5"})  # lower: earlier
+        high = Stream(  # vLLM's header; lower is earlier
+            client, json=short, headers=named("high", **{"X-Vllm-Priority": "-5"})
+        )
         await until(engine_holds(client, 4), "the high one queued")
         assert not long.task.done(), "the three queued behind the long answer"
     finally:
         await long.cut()  # the seat frees: the engine picks from its queue
     statuses = await asyncio.wait_for(asyncio.gather(*(s.task for s in (*low, high))), PATIENCE_S)
     assert statuses == [200] * 3
-    started = {"high": high.first, "low 1": low[0].first, "low 2": low[1].first}
-    assert all(t is not None for t in started.values()), started
-    order = sorted(started, key=lambda name: started[name] or 0.0)
-    assert order == ["high", "low 1", "low 2"], order
+    # The order the server finished them in, which with one seat is the order they started in
+    # (the server's log, not the client's clock: a crowded machine can hold the client until
+    # all three have ended, and it then reads them in any order).
+    names = ("high", "low-1", "low-2")
+    for name in names:
+        access(slo_server, f"slo-{name}")  # logged
+    log = slo_server.log()
+    order = sorted(names, key=lambda name: log.index(f'"request_id":"slo-{name}"'))
+    assert order == ["high", "low-1", "low-2"], order
