@@ -25,8 +25,8 @@ from serve.engine.base import (
 )
 from serve.errors import aborted, to_api_error
 from serve.logprobs import CompletionLogprobs, chat_content, prompt_logprobs
+from serve.request_record import RequestRecord
 from serve.streaming import DONE_FRAME, ChunkFormat, error_frame, usage_dict
-from serve.telemetry import RequestRecord
 
 
 @dataclass(slots=True)

@@ -47,10 +47,10 @@ from serve.engine.base import (
 from serve.errors import invalid_request
 from serve.personas import Personas
 from serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from serve.request_record import RequestRecord
 from serve.schemas import SchemaChecks
 from serve.settings import Settings
 from serve.streaming import ChunkFormat, SSEResponse
-from serve.telemetry import RequestRecord
 
 # Prompts larger than this are rendered and tokenized in a worker thread, so one long
 # conversation does not stall every other stream's next token. A chat prompt's size counts the

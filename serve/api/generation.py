@@ -22,8 +22,8 @@ from serve.api.auth import Authenticated
 from serve.api.body import parse_body
 from serve.errors import invalid_request
 from serve.protocol import ChatCompletionRequest, CompletionRequest
+from serve.request_record import RequestRecord
 from serve.service import GenerationService
-from serve.telemetry import RequestRecord
 
 router = APIRouter()
 

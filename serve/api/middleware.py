@@ -36,8 +36,9 @@ from starlette.types import Receive, Scope, Send
 from serve.api.auth import BearerAuth
 from serve.api.errors import count_refusal, send_error
 from serve.errors import APIError, internal_error, timed_out, too_large
+from serve.request_record import RequestRecord
 from serve.streaming import DONE_FRAME, error_frame
-from serve.telemetry import Metrics, RequestRecord
+from serve.telemetry import Metrics
 
 access_log = logging.getLogger("serve.access")
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from serve.telemetry import FINISH_REASONS, TTFT_STAGES, Metrics, RequestRecord
+from serve.request_record import RequestRecord
+from serve.telemetry import FINISH_REASONS, TTFT_STAGES, Metrics
 
 
 def _worst_case(model_labels: int) -> int:

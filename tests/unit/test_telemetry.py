@@ -77,7 +77,7 @@ async def test_text_completion_stages_have_no_template(client: httpx.AsyncClient
 
 
 def test_engine_stamps_outside_our_window_fold_into_one_engine_stage() -> None:
-    from serve.telemetry import RequestRecord
+    from serve.request_record import RequestRecord
 
     record = RequestRecord("chat", MODEL, arrival=10.0, body_read=10.1, parsed=10.2)
     record.rendered, record.tokenized, record.queued, record.admitted = 10.3, 10.4, 10.5, 10.6
