@@ -527,6 +527,9 @@ class ServerContract:
     metrics: set[str]
     routes: set[str]
     port: int
+    # sample name -> label -> every value the server exports for it, for the labels whose
+    # values it writes from the first scrape (e.g. the rejection reasons, the SLO outcomes)
+    label_values: dict[str, dict[str, set[str]]] = dataclasses.field(default_factory=dict)
 
 
 class ContractUnavailable(Exception):
@@ -561,7 +564,48 @@ def load_contract() -> ServerContract:
         metrics=metrics,
         routes={getattr(r, "path", None) for r in app.routes} - {None},
         port=int(settings.port),
+        label_values=exported_label_values(app.state.metrics.registry),
     )
+
+
+def exported_label_values(registry) -> dict[str, dict[str, set[str]]]:
+    """The label values of every labelled sample the server exports before any request:
+    the families that write all their label values up front (so that rate() works from the
+    first scrape). A family whose samples appear only with traffic has no entry."""
+    out: dict[str, dict[str, set[str]]] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            for label, value in sample.labels.items():
+                out.setdefault(sample.name, {}).setdefault(label, set()).add(value)
+    return out
+
+
+LITERAL_ALTERNATION = re.compile(r"[A-Za-z0-9_:.-]+(\|[A-Za-z0-9_:.-]+)*")
+
+
+def label_matcher_problems(
+    metric: str, label: str, op: str, value: str, contract: ServerContract
+) -> list[str]:
+    """A matcher on a label whose values the server enumerates must name values it exports:
+    `=` one of them; `=~` each alternative of a literal alternation, any other regex at
+    least one. Negative matchers and labels the server does not enumerate pass."""
+    known = contract.label_values.get(metric, {}).get(label)
+    kind = op.rsplit(".", 1)[-1]
+    if not known or kind not in ("Equal", "Re"):
+        return []
+    where = f"{metric}{{{label}}}"
+    if kind == "Equal":
+        return [] if value in known else [f"{where} = {value!r}: not a value the server exports"]
+    if LITERAL_ALTERNATION.fullmatch(value):
+        unknown = [v for v in value.split("|") if v not in known]
+        return [f"{where} =~ {value!r}: {v!r} is not a value the server exports" for v in unknown]
+    try:
+        pattern = re.compile(value)
+    except re.error:
+        return []  # the PromQL parse check reports a bad regex
+    if not any(pattern.fullmatch(v) for v in known):
+        return [f"{where} =~ {value!r}: matches no value the server exports"]
+    return []
 
 
 def vllm_defined_metric_names() -> set[str]:
@@ -627,6 +671,10 @@ def check_drift(objs: list[dict], contract: ServerContract, k8s: pathlib.Path = 
         for m in res["metrics"]:
             if m not in allowed:
                 problems.append(f"{where}: metric {m} is not exported by the server")
+        for metric, label, op, value in res["matchers"]:
+            problems += [
+                f"{where}: {p}" for p in label_matcher_problems(metric, label, op, value, contract)
+            ]
     adapter_names = {n for f in adapter_rule_files(k8s) for n, _, _ in adapter_rules(f)}
     for where, name in hpa_metric_names(objs):
         if name not in allowed and name not in adapter_names:

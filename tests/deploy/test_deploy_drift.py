@@ -149,6 +149,60 @@ def test_drift_detects_bogus_metric_in_alert_autoscaler_and_dashboard(k8s_copy, 
         assert bogus in text, text
 
 
+def test_contract_enumerates_refusal_reasons_and_slo_outcomes(contract):
+    reasons = contract.label_values["avatar_requests_rejected_total"]["reason"]
+    assert {"overload", "queue_timeout", "slo_unattainable", "slo_expired"} <= reasons
+    assert contract.label_values["avatar_slo_ttft_requests_total"]["outcome"] == {"met", "missed"}
+
+
+def test_drift_detects_unknown_label_values(k8s_copy, tmp_path, contract):
+    """A misspelt reason or outcome matches no series: the rule or panel would stay silent."""
+    comp = k8s_copy / "components"
+    _edit_yaml(
+        comp / "alerts" / "prometheusrule.yaml",
+        lambda d: d[0]["spec"]["groups"][0]["rules"][0].__setitem__(
+            "expr",
+            'sum(rate(avatar_requests_rejected_total{reason=~"overload|slo_unattainble"}[5m]))'
+            ' > 0 or sum(rate(avatar_slo_ttft_requests_total{outcome="mised"}[5m])) > 0'
+            ' or sum(rate(avatar_requests_rejected_total{reason=~"slo_x.*"}[5m])) > 0',
+        ),
+    )
+    _edit_yaml(
+        comp / "keda" / "scaledobject.yaml",
+        lambda d: d[0]["spec"]["triggers"][0]["metadata"].__setitem__(
+            "query", 'sum(rate(avatar_requests_rejected_total{reason="queue-timeout"}[2m]))'
+        ),
+    )
+    found = []
+    for c in ("alerts", "keda"):
+        found += dl.check_drift(dl.build_with_component(c, tmp_path, k8s_copy), contract, k8s_copy)
+    text = "\n".join(found)
+    for bogus in ("'slo_unattainble'", "'mised'", "'slo_x.*'", "'queue-timeout'"):
+        assert bogus in text, (bogus, text)
+    assert "'overload' is not" not in text, text
+
+
+def test_label_matcher_check_rules():
+    c = dl.ServerContract(
+        env_ok=lambda n: True,
+        cli_flags=set(),
+        metrics=set(),
+        routes=set(),
+        port=8000,
+        label_values={"r_total": {"reason": {"a", "b_c"}}},
+    )
+    check = lambda op, v, label="reason", m="r_total": dl.label_matcher_problems(m, label, op, v, c)  # noqa: E731
+    assert check("MatchOp.Equal", "a") == []
+    assert check("MatchOp.Equal", "z")
+    assert check("MatchOp.Re", "a|b_c") == []
+    assert len(check("MatchOp.Re", "a|z|y")) == 2
+    assert check("MatchOp.Re", "b_.*") == []
+    assert check("MatchOp.Re", "z.*")
+    assert check("MatchOp.NotEqual", "z") == []  # a negative matcher excludes, never misses
+    assert check("MatchOp.Equal", "z", label="pod") == []  # a label the server does not enumerate
+    assert check("MatchOp.Equal", "z", m="other") == []
+
+
 def test_drift_checker_without_server_reports_everything(rendered):
     """Independent of serve: against an empty contract every reference is reported."""
     empty = dl.ServerContract(
@@ -199,6 +253,7 @@ def test_promql_extraction(tools):
         ]
     )
     assert res[0]["metrics"] == ["a_bucket", "up"]
+    assert ["a_bucket", "job", "MatchOp.Equal", "x"] in res[0]["matchers"]
     assert res[1]["metrics"] == ["b", "vllm:num_requests_waiting"]
     assert res[2]["metrics"] == ["c_total"]
     assert res[3]["error"]

@@ -304,3 +304,92 @@ def test_alerts_cover_required_conditions(rendered):
         assert r.get("for") and r["labels"].get("severity") and r["annotations"].get("summary"), r[
             "alert"
         ]
+
+
+# Refusals that say "this replica has no capacity now": the autoscalers and the saturation
+# alert must see every one. draining is a pod going away, not load.
+CAPACITY_REFUSALS = {"overload", "queue_timeout", "slo_unattainable", "slo_expired"}
+
+
+def _regex_alternatives(expr: str, metric: str, label: str) -> list[set[str]]:
+    """The literal alternatives of each `label=~"a|b"` matcher on `metric` in expr."""
+    out = []
+    for sel in re.findall(metric + r"\{([^}]*)\}", expr):
+        for m in re.finditer(label + r'\s*=~\s*"([^"]*)"', sel):
+            out.append(set(m.group(1).split("|")))
+    return out
+
+
+def test_capacity_refusals_are_the_servers():
+    from typing import get_args
+
+    from serve.errors import RefusalReason
+
+    assert set(get_args(RefusalReason)) - {"draining"} == CAPACITY_REFUSALS, (
+        "a new refusal reason: decide whether the autoscalers and the saturation alert count it"
+    )
+
+
+def test_saturation_signals_include_slo_refusals(rendered):
+    """With deadline-aware admission a saturated replica refuses budgeted requests at once
+    instead of queueing them: the queue-depth and TTFT signals stay calm, only the refusals
+    show the load."""
+    rules = {
+        r["alert"]: r["expr"]
+        for pr in dl.find(rendered["gpu+alerts"], "PrometheusRule")
+        for g in pr["spec"]["groups"]
+        for r in g["rules"]
+    }
+    sat = _regex_alternatives(
+        rules["AvatarLLMQueueSaturated"], "avatar_requests_rejected_total", "reason"
+    )
+    assert sat == [CAPACITY_REFUSALS], sat
+
+    queries = [
+        t["metadata"]["query"]
+        for so in dl.find(rendered["gpu+keda"], "ScaledObject")
+        for t in so["spec"]["triggers"]
+        if t["type"] == "prometheus"
+    ]
+    assert any(
+        CAPACITY_REFUSALS in _regex_alternatives(q, "avatar_requests_rejected_total", "reason")
+        for q in queries
+    ), queries
+
+    hpa_metrics = {n for _, n in dl.hpa_metric_names(rendered["gpu+hpa"])}
+    adapter = {
+        name: exprs for f in dl.adapter_rule_files(dl.K8S) for name, _, exprs in dl.adapter_rules(f)
+    }
+    refusal_rules = [
+        n
+        for n in hpa_metrics
+        if any(
+            CAPACITY_REFUSALS in _regex_alternatives(e, "avatar_requests_rejected_total", "reason")
+            for e in adapter.get(n, [])
+        )
+    ]
+    assert refusal_rules, (hpa_metrics, adapter)
+
+
+def test_alerts_watch_ttft_budget_attainment(rendered):
+    exprs = [
+        r["expr"]
+        for pr in dl.find(rendered["gpu+alerts"], "PrometheusRule")
+        for g in pr["spec"]["groups"]
+        for r in g["rules"]
+    ]
+    slo = [e for e in exprs if "avatar_slo_ttft_requests_total" in e]
+    # met vs missed among admitted requests, and attainment with the SLO refusals counted
+    assert any('outcome="missed"' in e for e in slo), slo
+    assert any(
+        'outcome="met"' in e
+        and {"slo_unattainable", "slo_expired"}
+        in _regex_alternatives(e, "avatar_requests_rejected_total", "reason")
+        for e in slo
+    ), slo
+
+
+def test_dashboard_shows_ttft_budget_outcomes(rendered):
+    exprs = [e for _, d in dl.dashboards(rendered["gpu+dashboard"]) for e in dl.dashboard_exprs(d)]
+    assert any("avatar_slo_ttft_requests_total" in e and "by (outcome)" in e for e in exprs)
+    assert any("avatar_requests_rejected_total" in e and "by (reason)" in e for e in exprs)
