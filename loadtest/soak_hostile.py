@@ -159,7 +159,8 @@ def hostile_cases(model: str, api_key: str | None) -> list[HostileCase]:
                 Variant(chat, _chat_with(model, max_tokens=10**8)),
                 Variant(chat, _chat_with(model, temperature=5.0)),
                 Variant(chat, _chat_with(model, max_tokens=2, min_tokens=10)),
-                Variant(cmpl, _completion_with(model, echo=True)),
+                Variant(chat, _chat_with(model, echo=True)),  # completions only
+                Variant(cmpl, _completion_with(model, best_of=2)),  # not in vLLM 0.32
             ),
         ),
         HostileCase("unknown_model", 404, (Variant(chat, _chat_with(model, model="no-such")),)),
