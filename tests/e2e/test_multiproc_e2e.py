@@ -119,7 +119,11 @@ async def test_two_front_ends_serve_metrics_add_up_and_ctrl_c_drains_both(
             # the drains wait for the streams to end by themselves.
             tokens = await asyncio.to_thread(tokens_lasting, server.base_url, 20)
             firsts = [asyncio.Event() for _ in range(4)]
-            streams = [asyncio.create_task(stream_text(client, url, ev, tokens)) for ev in firsts]
+            # A client of their own, on new connections. In one run the four streams reached the
+            # server one after another, 20 s apart, while this client's pool held the idle
+            # connections of the waves above (the cause is not proven).
+            fresh = httpx.AsyncClient(timeout=120)
+            streams = [asyncio.create_task(stream_text(fresh, url, ev, tokens)) for ev in firsts]
             await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 60)
             # Every process of the group gets it, as from a terminal: only the parent may act
             # on it (the engine core would abort the streams, a front end would take the
@@ -142,6 +146,7 @@ async def test_two_front_ends_serve_metrics_add_up_and_ctrl_c_drains_both(
                 while not await not_ready():
                     await asyncio.sleep(0.05)
             texts = await asyncio.gather(*streams)
+            await fresh.aclose()
         for text in texts:
             assert text.endswith("data: [DONE]\n\n"), "every stream in flight ran to completion"
             last = json.loads(text.split("\n\n")[-3].removeprefix("data: "))
