@@ -189,7 +189,7 @@ def test_persona_streams_run_on_through_a_load_and_an_unload(
     """Three streams (two personas and the base) are in flight when a new persona is loaded
     and one of theirs is unloaded: every stream ends whole, with every token it asked for."""
     # Seconds long on this machine, whatever its speed: the load and the unload land mid-stream.
-    tokens = tokens_lasting(persona_server.base_url, 8, AUTH)
+    tokens = tokens_lasting(persona_server.base_url, 15, AUTH)
     started: list[str] = []
 
     def stream(model: str) -> tuple[str, dict[str, Any]]:
@@ -306,15 +306,17 @@ def test_a_reload_in_place_under_load_keeps_the_engine_and_serves_the_new_weight
     # one name.
     with ThreadPoolExecutor(2) as pool:
         old_tutor = pool.submit(stream, "tutor", ENDLESS_TOKENS)
-        guide = pool.submit(stream, "guide", 384)
-        wait_until(lambda: len(started) == 2, 60, what="two persona streams under way")
-        body = {"lora_name": "tutor", "lora_path": "spare", "load_inplace": True}
-        reloaded = post(persona_server, load, body, headers=AUTH)
-        assert reloaded.status_code == 200, reloaded.text
-        during = answer(persona_server, "tutor")  # waits for a LoRA slot, then runs
-        # Still streaming (an engine death would have ended it with an error frame).
-        assert not old_tutor.done(), old_tutor.result()
-        leave.set()
+        try:
+            guide = pool.submit(stream, "guide", 384)
+            wait_until(lambda: len(started) == 2, 60, what="two persona streams under way")
+            body = {"lora_name": "tutor", "lora_path": "spare", "load_inplace": True}
+            reloaded = post(persona_server, load, body, headers=AUTH)
+            assert reloaded.status_code == 200, reloaded.text
+            during = answer(persona_server, "tutor")  # waits for a LoRA slot, then runs
+            # Still streaming (an engine death would have ended it with an error frame).
+            assert not old_tutor.done(), old_tutor.result()
+        finally:
+            leave.set()  # a failure above must not leave the endless stream running
         guide_end = guide.result(timeout=180)
         old_tutor_end = old_tutor.result(timeout=180)
     assert guide_end == "data: [DONE]"
