@@ -251,6 +251,29 @@ class _Choice:
         return {"content": content}
 
 
+@dataclass(slots=True)
+class _Tally:
+    """What the choices of one answer add up to, streamed or collected: each prompt's tokens
+    (counted once, by the engine, per prompt), the cached ones, and the choices still open."""
+
+    left: int
+    prompt_tokens: int = 0
+    cached: int | None = None
+
+    def add(self, delta: ChoiceDelta) -> None:
+        if delta.finish_reason == "abort":
+            raise aborted()
+        if delta.num_prompt_tokens is not None:
+            self.prompt_tokens += delta.num_prompt_tokens
+        if delta.num_cached_tokens is not None:
+            self.cached = (self.cached or 0) + delta.num_cached_tokens
+
+    def ended(self) -> bool:
+        """One choice has finished: were all?"""
+        self.left -= 1
+        return not self.left
+
+
 async def choice_frames(
     p: Prepared, delta: Delta, stream: AsyncGenerator[Delta, None], record: RequestRecord
 ) -> AsyncGenerator[bytes, None]:
@@ -261,34 +284,26 @@ async def choice_frames(
     fmt = p.format
     chosen = [_Choice(i, spec, fmt.chat) for i in range(spec.total)]
     clock = time.perf_counter
-    prompt_tokens = 0
-    cached: int | None = None
-    left = spec.total
+    tally = _Tally(spec.total)
     try:
         while True:
             assert isinstance(delta, ChoiceDelta)
             reason = delta.finish_reason
-            if reason == "abort":
-                raise aborted()
-            if delta.num_prompt_tokens is not None:
-                prompt_tokens += delta.num_prompt_tokens
-            if delta.num_cached_tokens is not None:
-                cached = (cached or 0) + delta.num_cached_tokens
+            tally.add(delta)
             choice = chosen[delta.index]
             first = not choice.started
             text = choice.opening(spec, delta) + delta.text if first else delta.text
             choice.add_logprobs(spec, delta)
             usage = None
             if spec.continuous_usage:
-                usage = usage_dict(prompt_tokens, record.output_tokens + delta.num_tokens)
+                usage = usage_dict(tally.prompt_tokens, record.output_tokens + delta.num_tokens)
             yield fmt.choice_frame(
                 _frame_choice(fmt.chat, choice, text, first, spec, reason), usage
             )
             record.on_text(delta.text, delta.num_tokens, clock())
             if reason is not None:
                 record.finish_reason = reason
-                left -= 1
-                if not left:
+                if tally.ended():
                     break
             delta = await anext(stream)
     except Exception as exc:  # cancellation (a BaseException) passes through
@@ -296,9 +311,9 @@ async def choice_frames(
         yield error_frame(to_api_error(exc))
         yield DONE_FRAME
         return
-    record.prompt_tokens = prompt_tokens
+    record.prompt_tokens = tally.prompt_tokens
     if p.include_usage:
-        yield fmt.usage_frame(prompt_tokens, record.output_tokens, cached)
+        yield fmt.usage_frame(tally.prompt_tokens, record.output_tokens, tally.cached)
     yield DONE_FRAME
 
 
@@ -323,18 +338,11 @@ async def collect_choices(
     fmt = p.format
     chosen = [_Choice(i, spec, fmt.chat) for i in range(spec.total)]
     clock = time.perf_counter
-    prompt_tokens = 0
-    cached: int | None = None
+    tally = _Tally(spec.total)
     prompts: list[Any] = [None] * len(spec.prompts)  # each prompt's prompt_logprobs
-    left = spec.total
     while True:
         assert isinstance(delta, ChoiceDelta)
-        if delta.finish_reason == "abort":
-            raise aborted()
-        if delta.num_prompt_tokens is not None:
-            prompt_tokens += delta.num_prompt_tokens
-        if delta.num_cached_tokens is not None:
-            cached = (cached or 0) + delta.num_cached_tokens
+        tally.add(delta)
         if delta.prompt_logprobs is not None:
             prompts[delta.index // spec.n] = prompt_logprobs(delta.prompt_logprobs)
         choice = chosen[delta.index]
@@ -345,11 +353,10 @@ async def collect_choices(
         record.on_text(delta.text, delta.num_tokens, clock())
         if delta.finish_reason is not None:
             choice.finish_reason = record.finish_reason = delta.finish_reason
-            left -= 1
-            if not left:
+            if tally.ended():
                 break
         delta = await anext(stream)
-    record.prompt_tokens = prompt_tokens
+    record.prompt_tokens = tally.prompt_tokens
     bodies: list[dict[str, Any]] = []
     for choice in chosen:
         text = "".join(choice.text)
@@ -364,4 +371,5 @@ async def collect_choices(
             body["prompt_logprobs"] = prompts[choice.index // spec.n]
         bodies.append(body)
     extra = {"prompt_logprobs": prompts[0]} if spec.prompt_logprobs and fmt.chat else None
-    return fmt.choices_body(bodies, usage_dict(prompt_tokens, record.output_tokens, cached), extra)
+    usage = usage_dict(tally.prompt_tokens, record.output_tokens, tally.cached)
+    return fmt.choices_body(bodies, usage, extra)

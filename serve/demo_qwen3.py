@@ -60,6 +60,13 @@ NPM_TIMEOUT_S = 300.0
 # (vLLM needs at least one row per token of the tokenizer, 151,669).
 ENDOFTEXT_ID = 151643
 IM_END_ID = 151645
+# Qwen3's generation config (also the GPU kit's): an answer ends at either end marker.
+GENERATION_CONFIG = {
+    "bos_token_id": ENDOFTEXT_ID,
+    "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
+    "pad_token_id": ENDOFTEXT_ID,
+    "do_sample": True,
+}
 MODEL_SHAPE: dict[str, Any] = {
     "vocab_size": 151936,
     "hidden_size": 64,
@@ -225,14 +232,7 @@ def _build_weights(out_dir: Path) -> None:
     model = Qwen3ForCausalLM(config)
     model.to(dtype=torch.bfloat16)  # type: ignore[call-arg]
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    # Qwen3's generation config ends an answer at either end marker.
-    generation = {
-        "bos_token_id": ENDOFTEXT_ID,
-        "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
-        "pad_token_id": ENDOFTEXT_ID,
-        "do_sample": True,
-    }
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
 
 
 def build(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -51,12 +50,12 @@ from serve.request_record import RequestRecord
 from serve.schemas import SchemaChecks
 from serve.settings import Settings
 from serve.streaming import ChunkFormat, SSEResponse
+from serve.token_limits import check_logit_bias, check_token_ids, fit_window, token_id
 
 # Prompts larger than this are rendered and tokenized in a worker thread, so one long
 # conversation does not stall every other stream's next token. A chat prompt's size counts the
 # tools and tool-call arguments too: the template writes them into the prompt.
 _OFFLOAD_CHARS = 16_384
-_MAX_KEYS_NAMED = 16  # bad logit_bias keys an error names one by one
 
 
 class GenerationService:
@@ -164,19 +163,9 @@ class GenerationService:
                 out.append(self._engine.encode(prompt))
             else:
                 # Token ids are the client's to choose: check them here, not deep in the engine.
-                self._check_token_ids(prompt)
+                check_token_ids(prompt, self._engine.vocab_size)
                 out.append(list(prompt))
         return out
-
-    def _check_token_ids(self, ids: list[int]) -> None:
-        vocab = self._engine.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise invalid_request(
-                f"Token id {bad} is out of vocabulary: ids run from 0 to {vocab - 1}.",
-                param="prompt",
-                code="invalid_value",
-            )
 
     def _check_common(self, req: SamplingFields, record: RequestRecord) -> Adapter | None:
         """Checks every generation request shares; returns the persona ``model`` names."""
@@ -192,27 +181,8 @@ class GenerationService:
         if any(not s for s in stops):
             raise invalid_request("`stop` sequences must not be empty.", param="stop")
         if req.logit_bias:
-            self._check_logit_bias(req.logit_bias)
+            check_logit_bias(req.logit_bias, self._engine.vocab_size)
         return adapter
-
-    def _check_logit_bias(self, bias: Mapping[str, float]) -> None:
-        """Keys are token ids in ASCII digits: ``str.isdigit`` also takes a superscript two
-        (which ``int`` refuses), an Arabic-Indic three and a fullwidth one (which ``int`` reads
-        as 3 and 1: silently another token)."""
-        vocab = self._engine.vocab_size
-        bad = [key for key in bias if not _is_token_id(key, vocab)]
-        if not bad:
-            return
-        # ascii() shows what a key is made of ('\uff11', not a 1 that looks like one).
-        named = ", ".join(_clip(ascii(key)) for key in bad[:_MAX_KEYS_NAMED])
-        if len(bad) > _MAX_KEYS_NAMED:
-            named += f" and {len(bad) - _MAX_KEYS_NAMED} more"
-        raise invalid_request(
-            f"`logit_bias` keys must be token ids written in ASCII digits, from 0 to {vocab - 1} "
-            f"(the vocabulary has {vocab} tokens); these are not: {named}.",
-            param="logit_bias",
-            code="invalid_value",
-        )
 
     def _prepared(
         self,
@@ -228,7 +198,8 @@ class GenerationService:
         prompts = choices.prompts if choices is not None else [prompt_ids]
         record.prompt_tokens = sum(map(len, prompts))
         param = "messages" if chat else "prompt"
-        max_tokens = min(self._fit_window(req, len(ids), param) for ids in prompts)
+        window = self._engine.max_model_len
+        max_tokens = min(fit_window(req, len(ids), param, window) for ids in prompts)
         fmt = ChunkFormat(
             chat=chat,
             response_id=id_prefix + uuid.uuid4().hex,
@@ -247,38 +218,6 @@ class GenerationService:
             priority=req.priority,
             choices=choices,
         )
-
-    def _fit_window(
-        self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int, param: str
-    ) -> int:
-        """The tokens this request may generate: what it asked for, or the rest of the window."""
-        window = self._engine.max_model_len
-        if prompt_len >= window:
-            raise invalid_request(
-                f"This model's maximum context length is {window} tokens; the prompt has "
-                f"{prompt_len}. Shorten the {param}.",
-                param=param,
-                code="context_length_exceeded",
-            )
-        requested = req.requested_max_tokens()
-        if requested is not None and prompt_len + requested > window:
-            raise invalid_request(
-                f"This model's maximum context length is {window} tokens; the prompt has "
-                f"{prompt_len} and {requested} more were requested. Lower max_tokens.",
-                param="max_completion_tokens"
-                if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens
-                else "max_tokens",
-                code="context_length_exceeded",
-            )
-        max_tokens = requested if requested is not None else window - prompt_len
-        if req.min_tokens > max_tokens:
-            raise invalid_request(
-                f"`min_tokens` ({req.min_tokens}) must not exceed the tokens that may be "
-                f"generated ({max_tokens}).",
-                param="min_tokens",
-                code="invalid_value",
-            )
-        return max_tokens
 
     # -- run ---------------------------------------------------------------------------------
 
@@ -362,22 +301,6 @@ def _decode_time(record: RequestRecord) -> tuple[float | None, int]:
     return record.last_token - record.first_token, len(record.gaps)
 
 
-def _token_id(key: str) -> int:
-    """A checked ``logit_bias`` key as its id. Leading zeros go first: ``int`` refuses a string
-    of more than 4300 digits, zeros included."""
-    return int(key.lstrip("0") or "0")
-
-
-def _is_token_id(key: str, vocab: int) -> bool:
-    if not (key.isascii() and key.isdigit()):
-        return False
-    return len(key.lstrip("0")) <= len(str(vocab)) and _token_id(key) < vocab
-
-
-def _clip(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _chat_chars(req: ChatCompletionRequest, messages: list[dict[str, Any]]) -> int:
     """About how many characters the chat template writes: contents, tool-call arguments and
     the tools (their schemas as JSON)."""
@@ -412,6 +335,6 @@ def _sampling_options(
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
         structured=structured,
-        logit_bias=tuple((_token_id(k), v) for k, v in (req.logit_bias or {}).items()),
+        logit_bias=tuple((token_id(k), v) for k, v in (req.logit_bias or {}).items()),
         **features.sampling(req, choices),
     )

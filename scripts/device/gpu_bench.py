@@ -251,7 +251,12 @@ def build_model(
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT))
-    from serve.demo_qwen3 import ENDOFTEXT_ID, IM_END_ID, MODEL_FOLDER_NAMES
+    from serve.demo_qwen3 import (
+        ENDOFTEXT_ID,
+        GENERATION_CONFIG,
+        IM_END_ID,
+        MODEL_FOLDER_NAMES,
+    )
 
     shape = dict(shape, num_hidden_layers=layers)
     if is_built(out_dir, shape):
@@ -299,14 +304,7 @@ def build_model(
         "torch_dtype": "bfloat16",
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
-    # Qwen3's generation config ends an answer at either end marker.
-    generation = {
-        "bos_token_id": ENDOFTEXT_ID,
-        "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
-        "pad_token_id": ENDOFTEXT_ID,
-        "do_sample": True,
-    }
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=1))
+    (out_dir / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=1))
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*dims: int) -> torch.Tensor:

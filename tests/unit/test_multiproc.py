@@ -104,24 +104,22 @@ def _front_end(flags: Any, drain_s: float = 0.0, exit_code: int = 0) -> None:
     """A stand-in front end: serves until SIGTERM, drains for ``drain_s``, exits; a second
     SIGTERM exits at once. Or, once the engine core has died and the test allows it, exits 1
     as a real one does."""
-    signals = 0
+    termed = threading.Event()
 
     def on_term(signum: int, frame: object) -> None:
-        nonlocal signals
-        signals += 1
+        if termed.is_set():
+            os._exit(exit_code)  # the second SIGTERM, mid-drain
+        termed.set()
         flags[_DRAINING] = 1
-        if signals > 1:
-            os._exit(exit_code)
 
     signal.signal(signal.SIGTERM, on_term)
     flags[_SERVING] = 1
-    while not signals:
+    # Woken by SIGTERM at once; between signals it watches the engine-death flag that the test
+    # flips from another process (shared memory has nothing to wait on).
+    while not termed.wait(0.01):
         if flags[_ENGINE_ALIVE] == 0 and flags[_MAY_EXIT] == 1:
             sys.exit(1)
-        time.sleep(0.01)
-    deadline = time.monotonic() + drain_s
-    while time.monotonic() < deadline:
-        time.sleep(0.01)
+    time.sleep(drain_s)  # the drain: a second SIGTERM ends it early (its handler exits)
     sys.exit(exit_code)
 
 
@@ -292,7 +290,7 @@ def _report_mask_then_wait(out: Any) -> None:
     signal.signal(signal.SIGINT, lambda *_: os._exit(3))
     out.send(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
     while True:
-        time.sleep(0.05)
+        signal.pause()  # until the test ends it
 
 
 # Run in a fresh interpreter: its first spawn also starts multiprocessing's resource tracker,
