@@ -150,12 +150,22 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+# Linux's autogroup scheduling (on where /proc/sys/kernel/sched_autogroup_enabled is 1, as on
+# this project's machines) shares the CPU equally between sessions, and a server leads a session
+# of its own: a process's nice value ranks it only inside its session. The session's own nice
+# value, in /proc/PID/autogroup, is what ranks it against the tests and the other servers.
+def _set_session_nice(pid: int | str, nice: int) -> None:
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+
+
 def _in_the_background() -> None:
-    """In a server started ahead of its test, before exec: the lowest CPU priority, so that its
-    start-up takes only what the running tests leave idle (a crowded machine once let a
-    3,000-token stream finish before a test could kill its engine)."""
+    """In a server started ahead of its test, before exec (after setsid): the lowest CPU
+    priority, so that its start-up takes only what the running tests leave idle (a crowded
+    machine once let a 3,000-token stream finish before a test could kill its engine)."""
     _die_with_parent()
     os.nice(19)
+    _set_session_nice("self", 19)
 
 
 def _to_the_foreground(proc: subprocess.Popen[bytes]) -> None:
@@ -163,6 +173,7 @@ def _to_the_foreground(proc: subprocess.Popen[bytes]) -> None:
     its test. Raising a priority needs root; elsewhere it stays low, as its neighbours do."""
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PGRP, proc.pid, 0)
+    _set_session_nice(proc.pid, 0)
 
 
 @dataclass
