@@ -185,6 +185,14 @@ class _Started:
     log_file: IO[bytes]
 
 
+# The model runs in the engine core's process, as vLLM runs one GPU (its "uni" executor). The CPU
+# build otherwise adds a worker process, and the engine core waits for each step by spinning on
+# shared memory: two busy cores per running server, on a 2-core machine, held the test's own
+# client off the CPU for seconds (request bodies took 1.7 s to arrive, streams were read only
+# after they had ended).
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
 def _start(log_path: Path, key: ServerKey, *, ahead: bool = False) -> _Started:
     """Start ``python -m serve`` on a free loopback port (returns at once)."""
     port = free_port()
@@ -196,7 +204,7 @@ def _start(log_path: Path, key: ServerKey, *, ahead: bool = False) -> _Started:
         stdout=log_file,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
-        env={**os.environ, **dict(env)},
+        env={**os.environ, **ENGINE_ENV, **dict(env)},
         start_new_session=True,
         preexec_fn=preexec if sys.platform == "linux" else None,
     )
