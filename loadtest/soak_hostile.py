@@ -152,7 +152,7 @@ def hostile_cases(model: str, api_key: str | None) -> list[HostileCase]:
             "bad_params",
             400,
             (
-                Variant(chat, _chat_with(model, n=2)),
+                Variant(chat, _chat_with(model, n=0)),
                 Variant(chat, _chat_with(model, stop=[""])),
                 Variant(chat, _chat_with(model, messages=[])),
                 Variant(chat, _chat_with(model, max_tokens=0)),
