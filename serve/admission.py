@@ -139,7 +139,7 @@ class Admission:
         ahead = 0
         if self._waiters:  # those the queue would admit first (a budget's cost, not the plain one)
             ahead = sum(1 for p, _, w in self._waiters if p <= demand.priority and not w.done())
-        predicted = self.predictor.predict(demand.prompt_tokens, self.running, ahead)
+        predicted = self.predictor.predict(self.running, ahead)
         if left <= 0:
             why = "it was spent before the request reached the queue"
         elif predicted is not None and predicted.total > left:

@@ -14,8 +14,17 @@ The model, in the two parts a request's first token waits for:
   end, so its remaining time is taken to be the mean (memoryless), which is what makes one
   learned figure enough.
 - **the engine**: one decode step (the step its prefill joins) plus the prompt tokens admitted
-  ahead of it and not yet prefilled, and its own prompt less the share the prefix cache
-  serves, at the measured seconds per prefill token.
+  ahead of it and not yet prefilled, less the share the prefix cache serves, at the measured
+  seconds per prefill token.
+
+The request's own prefill is left out. How much of its prompt the prefix cache holds is not
+known before the engine has it, and in voice traffic it is nearly all of it (the persona and
+the history, sent a moment ago by the speculative request or the last turn). Counted at the
+average cached share, a 2,600-token voice turn was predicted 360 ms on a server that answered
+it in 40 ms, and every turn of a nearly idle server was refused; and a refused request teaches
+the predictor nothing, so it never recovered. Only what stands ahead of a request refuses it at
+once; its own prefill is what its budget must cover, and a request whose budget runs out while
+it waits is still refused, not started.
 
 Every figure is an exponentially weighted mean over finished requests (every request, with a
 budget or not: they all hold seats), so the model follows the load as it changes. The engine
@@ -70,7 +79,8 @@ class Demand:
     deadline: float | None = None
     budget: float | None = None  # the whole budget in seconds, for messages
     admitted: float | None = None
-    backlog_ahead: int = 0  # prompt tokens admitted ahead of it, not yet prefilled
+    expected: float = 0.0  # prompt tokens it was expected to compute, as the backlog counts it
+    backlog_ahead: float = 0.0  # tokens to compute admitted ahead of it, not yet prefilled
     first_output: float | None = None
     cached_tokens: int = 0
 
@@ -99,21 +109,22 @@ class WaitPredictor:
         self.step = Ewma()  # seconds per decode step (gap between tokens)
         self.prefill = Ewma()  # seconds per prompt token computed, the engine's queue included
         self.cached_share = Ewma()  # share of prompt tokens the prefix cache served
-        self.backlog = 0  # prompt tokens admitted whose first output has not come yet
+        # Prompt tokens to compute (less the expected cached share) of the requests admitted
+        # whose first output has not come yet.
+        self.backlog = 0.0
 
     @property
     def ready(self) -> bool:
         return self.samples >= self.min_samples
 
-    def predict(self, prompt_tokens: int, running: int, ahead: int) -> Prediction | None:
-        """The predicted wait of a request of ``prompt_tokens``, with ``running`` requests
-        admitted and ``ahead`` waiting that would be admitted before it; None until ready."""
+    def predict(self, running: int, ahead: int) -> Prediction | None:
+        """The wait before a new request's own prefill, with ``running`` requests admitted and
+        ``ahead`` waiting that would be admitted before it; None until ready."""
         if not self.ready:
             return None
         releases = running + ahead + 1 - self.capacity
         seat = releases * self.hold.get() / self.capacity if releases > 0 else 0.0
-        own = prompt_tokens * (1.0 - self.cached_share.get())
-        engine = self.step.get() + (self.backlog + own) * self.prefill.get()
+        engine = self.step.get() + self.backlog * self.prefill.get()
         return Prediction(seat, engine)
 
     # -- the life of a request -------------------------------------------------------------
@@ -121,14 +132,19 @@ class WaitPredictor:
     def on_admit(self, demand: Demand, now: float) -> None:
         demand.admitted = now
         demand.backlog_ahead = self.backlog
-        self.backlog += demand.prompt_tokens
+        demand.expected = demand.prompt_tokens * (1.0 - self.cached_share.get())
+        self.backlog += demand.expected
 
     def on_first_output(self, demand: Demand, now: float, cached_tokens: int | None) -> None:
         if demand.admitted is None or demand.first_output is not None:
             return
         demand.first_output = now
         demand.cached_tokens = cached_tokens or 0
-        self.backlog -= demand.prompt_tokens
+        self._settle(demand)
+
+    def _settle(self, demand: Demand) -> None:
+        # Never below zero: float sums of what came and went need not cancel exactly.
+        self.backlog = max(0.0, self.backlog - demand.expected)
 
     def on_release(
         self,
@@ -142,7 +158,7 @@ class WaitPredictor:
         if demand.admitted is None:
             return
         if demand.first_output is None:
-            self.backlog -= demand.prompt_tokens  # ended before its first output
+            self._settle(demand)  # ended before its first output
             return  # a request that never produced is no measure of anything but failure
         self.hold.add(now - demand.admitted)
         if decode_steps > 0 and decode_seconds is not None:
