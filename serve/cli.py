@@ -302,9 +302,10 @@ def finalize_engine_args(
 
     Returns the final ``AsyncEngineArgs`` fields and records them in ``settings.engine_args``.
     This is the one place engine arguments are built; it sets no engine environment. (An
-    earlier ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` default was dropped: only vLLM's synchronous
-    ``LLMEngine`` reads it, and ``AsyncLLM`` runs its engine core in a process of its own
-    regardless, as tests/e2e/test_lifecycle_e2e.py checks.)
+    earlier ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` default was dropped: ``AsyncLLM`` runs its
+    engine core in a process of its own regardless, as tests/e2e/test_lifecycle_e2e.py checks;
+    on the CPU build the variable only decides whether the model runs in that process or in a
+    worker below it (``vllm/platforms/cpu.py``), and vLLM's own server leaves it at 1.)
     """
     environ = os.environ if environ is None else environ
     from vllm.platforms import current_platform
