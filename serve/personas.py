@@ -29,6 +29,13 @@ from serve.errors import APIError, invalid_request, model_not_found, to_api_erro
 from serve.settings import LoRAModule, Settings
 
 log = logging.getLogger(__name__)
+# A start-up load that the engine core has not answered in this long is sent again (the same
+# adapter and id: vLLM takes a load of an id it holds as done). With --api-server-count 2, one
+# front end's first call to the engine core once went unanswered for minutes while the other
+# front end's loads were answered at once; a start that waits forever serves nothing and never
+# fails, so the orchestrator never restarts it.
+START_LOAD_TIMEOUT_S = 30.0
+START_LOAD_TRIES = 3
 OTHER_LABEL = "other"  # the metrics' model label once --max-model-labels names are taken
 
 
@@ -65,9 +72,14 @@ class Personas:
         """Load the ``--lora-modules`` personas; any that cannot load stops the start-up."""
         for module, folder in self._static:
             try:
-                await self._load(module.name, folder, module)
+                await self._load(module.name, folder, module, patience=START_LOAD_TIMEOUT_S)
             except APIError as exc:
                 raise RuntimeError(f"--lora-modules {module.name}: {exc.message}") from exc
+            except TimeoutError:
+                raise RuntimeError(
+                    f"--lora-modules {module.name}: the engine core did not answer the load in "
+                    f"{START_LOAD_TRIES} tries of {START_LOAD_TIMEOUT_S:.0f} s"
+                ) from None
             log.info("persona %s loaded from %s", module.name, module.path)
 
     def resolve(self, name: str) -> Adapter | None:
@@ -194,7 +206,9 @@ class Personas:
             )
         return folder
 
-    async def _load(self, name: str, folder: Path, module: LoRAModule | None) -> None:
+    async def _load(
+        self, name: str, folder: Path, module: LoRAModule | None, patience: float | None = None
+    ) -> None:
         engine_id = next(self._ids)
         # A name's first load keeps the name in the engine, so vLLM's adapter metrics (read by
         # the gateway's LoRA affinity) say the persona's name; later loads get one of their own.
@@ -206,13 +220,31 @@ class Personas:
         adapter = Adapter(name=name, path=str(folder), id=engine_id, engine_name=engine_name)
         # The engine reads and checks the files; what it refuses becomes a 400 for the client.
         try:
-            await self._engine.load_adapter(adapter)
+            await self._load_in_engine(adapter, patience)
+        except TimeoutError:
+            raise
         except Exception as exc:
             raise to_api_error(exc) from exc
         self._engine_names.add(engine_name)
         parent = (module.base_model_name if module is not None else None) or self._base_names[0]
         card = _card(name, int(time.time()), adapter.path, parent)
         self._loaded[name] = _Persona(adapter, card)
+
+    async def _load_in_engine(self, adapter: Adapter, patience: float | None) -> None:
+        """The engine's load; with ``patience``, each try bounded, the same load sent again."""
+        if patience is None:
+            await self._engine.load_adapter(adapter)
+            return
+        for attempt in range(1, START_LOAD_TRIES + 1):
+            try:
+                await asyncio.wait_for(self._engine.load_adapter(adapter), patience)
+                return
+            except TimeoutError:
+                log.warning(
+                    "persona %s: the engine core has not answered the load in %.0f s (try %d "
+                    "of %d)", adapter.name, patience, attempt, START_LOAD_TRIES,
+                )  # fmt: skip
+        raise TimeoutError
 
 
 @dataclass(frozen=True, slots=True)

@@ -267,6 +267,46 @@ async def test_a_static_persona_that_cannot_load_stops_the_start(root: Path) -> 
         await app.state.personas.start()
 
 
+class _Unanswered(FakeEngine):
+    """An engine core that leaves the first ``silent`` loads unanswered (a reply that never
+    comes), then answers."""
+
+    def __init__(self, silent: int) -> None:
+        super().__init__(max_model_len=256, adapter_rank=8)
+        self.silent = silent
+        self.calls: list[tuple[int, str]] = []
+
+    async def load_adapter(self, adapter: Any) -> None:
+        self.calls.append((adapter.id, adapter.engine_name))
+        if len(self.calls) <= self.silent:
+            await asyncio.Event().wait()
+        await super().load_adapter(adapter)
+
+
+async def test_a_start_up_load_left_unanswered_is_sent_again(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("serve.personas.START_LOAD_TIMEOUT_S", 0.05)
+    engine = _Unanswered(silent=1)
+    app = await started(persona_app(engine, root))
+    # The same adapter, id and engine name again: the engine takes it as one load.
+    assert engine.calls == [(1, "tutor"), (1, "tutor")]
+    async with open_client(app) as c:
+        r = await c.post("/v1/chat/completions", json=chat_body(model="tutor"))
+        assert r.status_code == 200, r.text
+
+
+async def test_a_start_up_load_never_answered_fails_the_start(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("serve.personas.START_LOAD_TIMEOUT_S", 0.05)
+    engine = _Unanswered(silent=99)
+    app = persona_app(engine, root)
+    with pytest.raises(RuntimeError, match=r"--lora-modules tutor: the engine core did not answer"):
+        await app.state.personas.start()
+    assert len(engine.calls) == 3
+
+
 async def test_the_access_log_names_the_persona(
     lora_engine: FakeEngine, root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
