@@ -47,16 +47,14 @@ QWEN3_8B: dict[str, Any] = {
     "head_dim": 128,
     "vocab_size": 151936,
 }
-# The CPU stand-in (tests, the dry run): Qwen3 at demo size, the same tokenizer and vocabulary,
-# 4 heads of 32 (a head dim vLLM's CPU attention supports) sharing 2 KV heads.
-QWEN3_TINY: dict[str, Any] = QWEN3_8B | {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-}
+# The CPU stand-in (tests, the dry run): Qwen3 at the size of the server's own Qwen3 demo model
+# (serve/demo_qwen3.py; serve/ travels with the kit), the same tokenizer and vocabulary.
+sys.path.insert(0, str(ROOT))
+from serve.demo_qwen3 import MODEL_SHAPE as _DEMO_QWEN3  # noqa: E402
+
+_SIZE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim")  # fmt: skip
+QWEN3_TINY: dict[str, Any] = QWEN3_8B | {key: _DEMO_QWEN3[key] for key in _SIZE}
 # Where the pinned tokenizer package is cached here (serve.demo_qwen3's layout; the tests' and
 # the server's --demo-model qwen3 use the same folder), and, on the device, the folder under the
 # stage directory that ``install`` lays the carried copy out in.

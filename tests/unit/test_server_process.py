@@ -133,10 +133,10 @@ def test_sigusr1_prints_every_threads_stack() -> None:
     """An operator (or a test whose server never came ready) sends SIGUSR1 to see where a server
     process waits; the process goes on running."""
     code = (
-        "import os, signal, threading, time\n"
+        "import os, signal, threading\n"
         "from serve.server import enable_stack_dumps\n"
         "enable_stack_dumps()\n"
-        "def waiting_in_a_thread(): time.sleep(30)\n"
+        "def waiting_in_a_thread(): threading.Event().wait()\n"
         "threading.Thread(target=waiting_in_a_thread, daemon=True).start()\n"
         "os.kill(os.getpid(), signal.SIGUSR1)\n"
         "print('still running')\n"
