@@ -95,6 +95,11 @@ class Started:
     engine_manager: Any = None  # vLLM's engine process manager: .processes, .shutdown(timeout)
     api: Any = None  # vLLM's APIServerProcessManager: .processes, .shutdown(timeout)
     engine_alive: Any = None  # the shared flag the front ends read
+    # vLLM's listeners of the engine core's ZMQ connections (ipc paths). Held for the server's
+    # life: once collected they unlink their paths, and an engine core that had not yet
+    # connected then never reached a front end (a front end never ready, or one whose
+    # requests and persona loads went unanswered: seen in 3 of 7 starts on a loaded machine).
+    zmq_listeners: Any = None
 
 
 def _start(settings: Settings, started: Started) -> None:
@@ -118,7 +123,7 @@ def _start(settings: Settings, started: Started) -> None:
     ctx = mp.get_context("spawn")
     engine_alive = started.engine_alive = ctx.RawArray("b", [1])
     spec = _FrontEndSpec(settings, ctx.RawArray("b", count), engine_alive)
-    listeners = bind_engine_zmq_listeners(vllm_config, count)
+    listeners = started.zmq_listeners = bind_engine_zmq_listeners(vllm_config, count)
     began = time.perf_counter()
     with children_ignore_sigint(), launch_core_engines(
         vllm_config, Executor.get_class(vllm_config), not args.disable_log_stats,
@@ -248,6 +253,8 @@ class Supervisor:
                     prom_mp.mark_process_dead(proc.pid)
         if started.engine_manager is not None:
             started.engine_manager.shutdown(timeout=_EXIT_GRACE_S)
+        if started.zmq_listeners is not None:
+            started.zmq_listeners.cleanup()  # closes them and removes their ipc paths
         if started.sock is not None:
             started.sock.close()
 

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 # A start-up load that the engine core has not answered in this long is sent again (the same
 # adapter and id: vLLM takes a load of an id it holds as done). With --api-server-count 2, one
 # front end's first call to the engine core once went unanswered for minutes while the other
-# front end's loads were answered at once; a start that waits forever serves nothing and never
-# fails, so the orchestrator never restarts it.
+# front end's loads were answered at once (the cause, the engine core's ipc paths removed before
+# it connected, is mended in serve/multiproc.py). A start that waits forever serves nothing and
+# never fails, so the orchestrator never restarts it: the bound stays.
 START_LOAD_TIMEOUT_S = 30.0
 START_LOAD_TRIES = 3
 OTHER_LABEL = "other"  # the metrics' model label once --max-model-labels names are taken

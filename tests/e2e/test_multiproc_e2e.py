@@ -90,6 +90,10 @@ async def test_two_front_ends_serve_metrics_add_up_and_ctrl_c_drains_both(
             tokens = sum(r.json()["usage"]["completion_tokens"] for r in results)
             assert tokens == 6 * len(results)
             assert set(access_pids(server)) == {p.pid for p in front_ends}, "both served"
+            # The engine core reaches each front end through ipc paths that must outlive the
+            # start-up: an engine core that connects late (a loaded machine) must find them.
+            paths = {c.laddr for p in front_ends for c in p.net_connections("unix") if c.laddr}
+            assert len(paths) >= 4 and all(Path(path).exists() for path in paths), paths  # noqa: ASYNC240
 
             # Any process answers a scrape with the sum over both.
             for _ in range(4):
