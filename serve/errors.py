@@ -10,11 +10,14 @@ carry internal details. No web framework is imported here: this module sits belo
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import orjson
 
 from serve.engine.base import EngineDeadError, EngineInputError, EngineRequestError
+
+log = logging.getLogger("serve.errors")
 
 
 class APIError(Exception):
@@ -140,6 +143,9 @@ def to_api_error(exc: BaseException) -> APIError:
     status = getattr(exc, "status_code", None)  # the framework's own HTTP errors (404, 405)
     if isinstance(status, int) and 400 <= status < 500:
         return APIError(status, str(getattr(exc, "detail", "")), code=_HTTP_CODES.get(status))
+    # A stream's error frame comes here, past the request guard that logs the others: the
+    # client is told nothing of the cause, so the log must be.
+    log.error("unexpected error, answered as internal_error", exc_info=exc)
     return internal_error()
 
 

@@ -447,6 +447,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--full-vllm", action="store_true", help="carry the unslimmed vLLM wheel")
     ap.add_argument("--margin-mib", type=float, default=DEFAULT_MARGIN_BYTES / MIB)
     ap.add_argument("--plan-only", action="store_true", help="print the plan from the manifest")
+    ap.add_argument(
+        "--skip-check",
+        action="store_true",
+        help="skip our unit tests on the kit's vLLM (kit_vllm_check.py)",
+    )
     args = ap.parse_args(argv)
     carry = ROOT / CARRY_DIR_NAME
     tree = tree_bytes(ROOT)
@@ -457,6 +462,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         ensure_ignored(ROOT)
         wheels = download(args.cache, PINS)
+        if not args.skip_check:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from kit_vllm_check import check
+
+            if not check(wheels["vllm"], VLLM_VERSION, args.cache.parent):
+                return 1
         if not args.full_vllm:
             wheels["vllm"] = slim_vllm(wheels["vllm"], args.cache / "slim", VLLM_DROP)
         extra = tokenizer_files()

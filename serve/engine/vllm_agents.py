@@ -16,6 +16,7 @@ vLLM's generic forced-call schema describes, parsed by vLLM's generic forced-cal
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -29,10 +30,8 @@ from vllm.exceptions import VLLMValidationError
 from vllm.parser import ParserManager
 from vllm.parser.abstract_parser import DelegatingParser, Parser
 from vllm.reasoning import ReasoningParser, ReasoningParserManager
-from vllm.renderers.chat_utils import load_chat_template
 from vllm.sampling_params import StructuredOutputsParams
 from vllm.tool_parsers import ToolParser, ToolParserManager
-from vllm.tool_parsers.tool_strict_level import ToolStrictLevel
 
 from serve.engine.base import (
     ChatConfig,
@@ -43,6 +42,19 @@ from serve.engine.base import (
     StructuredOutput,
     ToolCallDelta,
 )
+
+# The GPU kit's vLLM (0.26.0) keeps load_chat_template in entrypoints and has no tool strict
+# levels (its forced calls are always guided by the tools' full schema); 0.32.0 moved the one
+# and added the other. Both are read here so that one adapter serves both releases.
+try:
+    from vllm.renderers.chat_utils import load_chat_template
+except ImportError:  # vLLM 0.26.0
+    from vllm.entrypoints.chat_utils import load_chat_template  # type: ignore[no-redef]
+try:
+    from vllm.tool_parsers.tool_strict_level import ToolStrictLevel
+except ImportError:  # vLLM 0.26.0
+    ToolStrictLevel = None  # type: ignore[assignment,misc]
+_STRICT_LEVELS = "tool_strict_level" in inspect.signature(ParserManager.get_parser).parameters
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +125,13 @@ class ChatSupport:
         tool_name = config.tool_call_parser or None
 
         def composed(strict: str) -> type[Parser] | None:
+            if not _STRICT_LEVELS:  # vLLM 0.26.0: no strict levels, no tokenizer argument
+                return ParserManager.get_parser(
+                    tool_parser_name=tool_name,
+                    reasoning_parser_name=self._reasoning_name,
+                    enable_auto_tools=tool_name is not None,
+                    model_name=self._model_name,
+                )
             return ParserManager.get_parser(
                 tool_parser_name=tool_name,
                 reasoning_parser_name=self._reasoning_name,
@@ -201,7 +220,7 @@ class ChatSupport:
             prompt_ids,
             structured=structured,
             skip_special_tokens=bool(request.skip_special_tokens),
-            reasoning_ended=request.resolve_reasoning_ended(parser, prompt_ids),
+            reasoning_ended=_reasoning_ended(request, parser, prompt_ids),
             named=turn.tool_choice == "function",
             single_call=not turn.parallel_tool_calls,
         )
@@ -272,7 +291,7 @@ class TurnParser:
             if finish_reason == "stop" and self._tools_streamed and not self._named:
                 finish_reason = "tool_calls"
             delta.finish_reason = finish_reason
-            delta.num_reasoning_tokens = self._parser.count_reasoning_tokens(self._token_ids)
+            delta.num_reasoning_tokens = _reasoning_tokens(self._parser, self._token_ids)
         return delta
 
     def _calls(self, calls: Sequence[Any]) -> tuple[ToolCallDelta, ...]:
@@ -301,9 +320,36 @@ def _json_forced_parser(reasoning_cls: type[ReasoningParser] | None) -> type[Par
     class _JsonForcedParser(DelegatingParser):
         reasoning_parser_cls = reasoning_cls
         tool_parser_cls = ToolParser  # the base class: its adjust_request sets that schema
-        tool_strict_level = ToolStrictLevel.PARAMETER
 
+    if ToolStrictLevel is not None:
+        _JsonForcedParser.tool_strict_level = ToolStrictLevel.PARAMETER
     return _JsonForcedParser
+
+
+def _reasoning_tokens(parser: Parser, token_ids: list[int]) -> int:
+    """The answer's reasoning tokens, as vLLM's parser counts them (vLLM 0.26.0's ``Parser``
+    has no count of its own: its reasoning parser counts)."""
+    count = getattr(parser, "count_reasoning_tokens", None)
+    if count is None:
+        reasoning = parser.reasoning_parser
+        count = reasoning.count_reasoning_tokens if reasoning is not None else None
+    return int(count(token_ids)) if count is not None else 0
+
+
+def _reasoning_ended(
+    request: ChatCompletionRequest, parser: Parser, prompt_ids: list[int]
+) -> bool | None:
+    """The engine's ``reasoning_ended`` as vLLM's chat server decides it (True: guided decoding
+    applies from the first token; None: the engine reads the prompt with its own parser)."""
+    resolve = getattr(request, "resolve_reasoning_ended", None)
+    if resolve is not None:
+        return resolve(parser, prompt_ids)
+    # vLLM 0.26.0 decides it inline in its chat server, alike.
+    if not request.include_reasoning or getattr(request, "_grammar_from_tool_parser", False):
+        return True
+    if parser.reasoning_parser is not None:
+        return bool(parser.is_reasoning_end(prompt_ids))
+    return None
 
 
 def guidable(schema: Any) -> Any:
