@@ -4,7 +4,7 @@ Admin keys (--admin-api-key) keep the adapter routes from the keys given to clie
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from serve.engine.base import Delta
 from serve.engine.fake import FakeEngine
 from tests.unit.conftest import KEY, MODEL, chat_body, make_settings, open_client
 from tests.unit.test_guard import http_scope
@@ -183,6 +184,29 @@ async def test_internal_errors_do_not_leak(
     err = assert_error(r, 500)
     assert "secret" not in r.text and "/srv" not in r.text
     assert err["type"] == "server_error"
+
+
+async def test_a_stream_that_breaks_says_nothing_but_the_log_says_why(
+    client: httpx.AsyncClient,
+    engine: FakeEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug mid-stream: the client gets a generic error frame, the operator the cause."""
+    real = engine.generate
+
+    async def breaks_after_one(*args: Any, **kwargs: Any) -> AsyncGenerator[Delta, None]:
+        async for delta in real(*args, **kwargs):
+            yield delta
+            raise RuntimeError("secret path /srv/models/weights.bin")
+
+    monkeypatch.setattr(engine, "generate", breaks_after_one)
+    r = await client.post("/v1/chat/completions", json=chat_body(stream=True))
+    assert r.status_code == 200
+    assert '"code":"internal_error"' in r.text and r.text.endswith("data: [DONE]\n\n")
+    assert "secret" not in r.text
+    logged = [rec for rec in caplog.records if rec.exc_info and rec.levelname == "ERROR"]
+    assert any("secret path" in str(rec.exc_info[1]) for rec in logged if rec.exc_info)
 
 
 async def test_models_lists_served_names(app_factory: Callable[..., FastAPI]) -> None:
