@@ -588,6 +588,16 @@ class NotReady(Exception):
     """The server exited or timed out before it answered its readiness probe."""
 
 
+# Start-up errors that no engine flag mends: code that does not fit the installed vLLM (the
+# second card run lost 71 s retrying two of them with --enforce-eager).
+_CODE_ERRORS = ("ModuleNotFoundError", "ImportError", "unexpected keyword argument")
+
+
+def eager_may_help(server_log: str) -> bool:
+    """Whether a failed start may work without torch.compile and CUDA graphs."""
+    return not any(error in server_log for error in _CODE_ERRORS)
+
+
 def _scrape(base_url: str) -> str:
     """One /metrics scrape ("" when it fails: a measurement aid, never a reason to stop)."""
     import urllib.request
@@ -784,7 +794,11 @@ def bench(args: argparse.Namespace) -> int:
                 # The device runs once per session: when a start fails (a torch.compile or
                 # CUDA-graph problem on an untested stack), try once more without them.
                 left = deadline - time.monotonic()
-                if attempt == 1 and "--enforce-eager" not in target_flags and left > 180:
+                server_log = work / name / "server.log"
+                log_text = server_log.read_text(errors="replace") if server_log.exists() else ""
+                if attempt == 1 and not eager_may_help(log_text):
+                    log(f"{name}: a Python error in the start-up, not retried with --enforce-eager")
+                elif attempt == 1 and "--enforce-eager" not in target_flags and left > 180:
                     log(f"{name}: retrying with --enforce-eager")
                     target_flags = [*flags, "--enforce-eager"]
                     continue

@@ -538,3 +538,11 @@ def test_persona_dry_run_serves_the_adapters_and_prints_the_ratios(dry_runs: Dry
     lines = str(proc.stdout).strip().splitlines()
     assert any(line.startswith("personas/base conc 4: tok/s ") for line in lines), lines[-12:]
     assert lines[0].startswith("personas vs base: 8 rank-16 adapters"), lines[:3]
+
+
+def test_a_start_that_fails_in_our_code_is_not_retried_eagerly() -> None:
+    """--enforce-eager mends compile and CUDA-graph failures, not code that misfits vLLM: the
+    card's time goes to the other server instead."""
+    card_log = (ROOT / "loadtest/results/gpu-h200-2026-11-30/call3-ours-server.log").read_text()
+    assert not gpu_bench.eager_may_help(card_log)
+    assert gpu_bench.eager_may_help("RuntimeError: CUDA error: an illegal memory access")
