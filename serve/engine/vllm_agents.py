@@ -125,20 +125,15 @@ class ChatSupport:
         tool_name = config.tool_call_parser or None
 
         def composed(strict: str) -> type[Parser] | None:
-            if not _STRICT_LEVELS:  # vLLM 0.26.0: no strict levels, no tokenizer argument
-                return ParserManager.get_parser(
-                    tool_parser_name=tool_name,
-                    reasoning_parser_name=self._reasoning_name,
-                    enable_auto_tools=tool_name is not None,
-                    model_name=self._model_name,
-                )
+            newer: dict[str, Any] = {}
+            if _STRICT_LEVELS:  # vLLM 0.26.0 takes neither argument
+                newer = {"tool_strict_level": strict, "tokenizer": self._tokenizer}
             return ParserManager.get_parser(
                 tool_parser_name=tool_name,
                 reasoning_parser_name=self._reasoning_name,
                 enable_auto_tools=tool_name is not None,
                 model_name=self._model_name,
-                tool_strict_level=strict,
-                tokenizer=self._tokenizer,
+                **newer,
             )
 
         auto = composed("auto")
