@@ -876,7 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "one's bench ('': no voice step)",
     )
     b.add_argument(
-        "--voice-cap-s", type=float, default=110.0, help="longest voice run on one server"
+        "--voice-cap-s", type=float, default=80.0, help="longest voice run on one server"
     )
     b.add_argument(
         "--tool-call-parser",

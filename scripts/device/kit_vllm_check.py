@@ -55,9 +55,13 @@ def run_unit_tests(sources: Path, python: str = sys.executable) -> int:
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
+def sources_dir(work: Path, version: str) -> Path:
+    return work / f"vllm-{version}-src"
+
+
 def check(wheel: Path, version: str, work: Path) -> bool:
     print(f"== our unit tests on the kit's vLLM {version} (its Python files, on this CPU)")
-    code = run_unit_tests(extract_sources(wheel, work / f"vllm-{version}-src", version))
+    code = run_unit_tests(extract_sources(wheel, sources_dir(work, version), version))
     if code != 0:
         print(
             f"FAILED: the server would not work on the kit's vLLM {version}; fix the adapter "

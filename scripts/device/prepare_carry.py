@@ -71,7 +71,13 @@ PINS: tuple[tuple[str, str], ...] = (
     ("jmespath", "1.1.0"),
     ("jsonschema", "4.26.0"),
     ("jsonschema-specifications", "2025.9.1"),
+    ("interegular", "0.3.3"),  # lm-format-enforcer's one need the image lacks
     ("llguidance", "1.7.6"),
+    # vLLM 0.26.0 imports every structured-output backend's module while it validates such a
+    # request (`SamplingParams._validate_structured_outputs`), and this one evaluates a class
+    # annotation on its lazy module: without it every forced tool call failed on the card
+    # (GPU run 3, BENCHMARKS.md). Pure Python, about 0.1 MiB.
+    ("lm-format-enforcer", "0.11.3"),
     ("mistral-common", "1.13.1"),
     ("model-hosting-container-standards", "0.1.16"),
     ("msgspec", "0.22.0"),
@@ -450,7 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--skip-check",
         action="store_true",
-        help="skip our unit tests on the kit's vLLM (kit_vllm_check.py)",
+        help="skip our unit tests and the import check on the kit's vLLM "
+        "(kit_vllm_check.py, kit_imports_check.py)",
     )
     args = ap.parse_args(argv)
     carry = ROOT / CARRY_DIR_NAME
@@ -464,9 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         wheels = download(args.cache, PINS)
         if not args.skip_check:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from kit_vllm_check import check
+            from kit_imports_check import check as check_imports
+            from kit_vllm_check import check, sources_dir
 
             if not check(wheels["vllm"], VLLM_VERSION, args.cache.parent):
+                return 1
+            if not check_imports(sources_dir(args.cache.parent, VLLM_VERSION), wheels):
                 return 1
         if not args.full_vllm:
             wheels["vllm"] = slim_vllm(wheels["vllm"], args.cache / "slim", VLLM_DROP)

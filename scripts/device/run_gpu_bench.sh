@@ -19,7 +19,7 @@
 # (N > 1: also our server with --api-server-count N, last and optional), DRY_RUN=1 (same
 # as --dry-run). The voice step (loadtest.voice on each server after its bench): VOICE=0 skips
 # it; VOICE_SESSIONS (levels, default 128,512), VOICE_DURATION (seconds per level, default 15),
-# VOICE_ROUNDS (default 1), VOICE_CAP_S (longest run on one server, default 110), VOICE_ARGS
+# VOICE_ROUNDS (default 1), VOICE_CAP_S (longest run on one server, default 80), VOICE_ARGS
 # (more loadtest.voice flags). With --personas: PERSONA_N (adapters, default 8), PERSONA_RANK
 # (default 16), PERSONA_CONCURRENCY (default 16,64), PERSONA_DURATION (seconds per level and
 # mode, default 8), PERSONA_ROUNDS (default 2), PERSONA_CALL_S (the whole call's time, default
@@ -150,4 +150,4 @@ dur="${BENCH_DURATION:-15}"
   --api-servers "${BENCH_API_SERVERS:-0}" \
   --bench-args "--concurrency ${BENCH_CONCURRENCY:-1,16,64,256} --duration $dur --warmup 4 \
 --ignore-eos" \
-  --voice-cap-s "${VOICE_CAP_S:-110}" --voice-args "$voice_args"
+  --voice-cap-s "${VOICE_CAP_S:-80}" --voice-args "$voice_args"
