@@ -15,7 +15,12 @@ from typing import Any, Literal
 
 import orjson
 
-from serve.engine.base import EngineDeadError, EngineInputError, EngineRequestError
+from serve.engine.base import (
+    EngineBusyError,
+    EngineDeadError,
+    EngineInputError,
+    EngineRequestError,
+)
 
 log = logging.getLogger("serve.errors")
 
@@ -126,6 +131,16 @@ def to_api_error(exc: BaseException) -> APIError:
                 headers={"Retry-After": exc.retry_after},
             )
         return unavailable(str(exc), exc.reason)
+    if isinstance(exc, EngineBusyError):
+        # The operator's engine-side bound, refused as our own capacity bound refuses: at once,
+        # with a status a voice platform retries on another replica.
+        return APIError(
+            429,
+            "The engine is at its request limit; retry shortly or on another replica.",
+            type="rate_limit_error",
+            code="server_overloaded",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(exc, EngineDeadError):
         return unavailable("The model engine is not running; retry shortly.", "engine_dead")
     if isinstance(exc, EngineRequestError):

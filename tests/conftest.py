@@ -100,7 +100,9 @@ def _own(item: pytest.Item) -> tuple[str, ...] | None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Plan the servers the selected tests will start, in the order they will need them."""
-    ahead = int(os.environ.get("AVATAR_TEST_SERVERS_AHEAD", "2"))
+    # Four: the quick tests run serially on one core, and the servers' starts take the other
+    # (two left it idle for most of the quick tests, and the engine tests then waited for theirs).
+    ahead = int(os.environ.get("AVATAR_TEST_SERVERS_AHEAD", "4"))
     if ahead <= 0 or os.environ.get("PYTEST_XDIST_WORKER") or session.config.option.collectonly:
         return
     plan: list[Planned] = []

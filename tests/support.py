@@ -119,7 +119,10 @@ SERVER_FIXTURES: dict[str, tuple[str, ...]] = {
         "--queue-timeout", str(LIMITED_QUEUE_TIMEOUT_S),
         "--max-request-duration", str(LIMITED_REQUEST_DURATION_S),
     ),
-    "reasoning_server": ("--reasoning-parser", "deepseek_r1"),
+    # Also vLLM's own request bound at 1 (an engine flag passed through): its one other test
+    # sends one request at a time (tests/e2e/test_tools_e2e.py); a server of its own would
+    # cost the run another start.
+    "reasoning_server": ("--reasoning-parser", "deepseek_r1", "--max-num-queued-reqs", "1"),
     # Room for 2 running and 2 waiting: the soak's bursts must draw 429s. No tool or reasoning
     # parser, no deadline: forced calls here take vLLM's generic JSON route
     # (tests/e2e/test_tools_e2e.py).

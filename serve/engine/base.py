@@ -196,6 +196,12 @@ class EngineRequestError(EngineError):
     process). Never a normal finish: the client must see an error, and may retry."""
 
 
+class EngineBusyError(EngineError):
+    """The engine's own admission valve refused the request (vLLM's ``--max-num-queued-reqs`` or
+    ``--max-num-queued-tokens``, set by the operator): it is at capacity, and the request never
+    started. A refusal to retry shortly, or on another replica, like our own at capacity."""
+
+
 class EngineInputError(EngineError):
     """The engine refused a request's input (for example a token outside the vocabulary).
 

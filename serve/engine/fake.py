@@ -25,6 +25,7 @@ from serve.engine.base import (
     ChatTurn,
     ChoiceDelta,
     Delta,
+    EngineBusyError,
     EngineDeadError,
     EngineInputError,
     EngineRequestError,
@@ -55,6 +56,8 @@ class FakeEngine:
         self.first_token_gate: asyncio.Event | None = None
         # Tokens after which every request fails as vLLM fails one (finish reason "error").
         self.fail_after: int | None = None
+        # Every request refused at once, as vLLM's own valve refuses (--max-num-queued-reqs).
+        self.busy = False
         self._alive = True
         self._unfinished: set[str] = set()
         self.seen: list[tuple[str, list[int], SamplingOptions]] = []
@@ -163,6 +166,8 @@ class FakeEngine:
     ) -> AsyncGenerator[Delta, None]:
         if not self._alive:
             raise EngineDeadError("the engine is not running")
+        if self.busy:
+            raise EngineBusyError("the engine's request queue is full")
         self.adapters.append(adapter)
         if any(not 0 <= t < self._vocab_size for t in prompt_token_ids):
             raise EngineInputError("Token id out of vocabulary", param="prompt", public=True)

@@ -31,6 +31,7 @@ from serve.engine.base import (
     ChatConfig,
     ChatTurn,
     Delta,
+    EngineBusyError,
     EngineDeadError,
     EngineInputError,
     EngineRequestError,
@@ -40,6 +41,13 @@ from serve.engine.vllm_agents import ChatSupport, TurnParser, structured_outputs
 from serve.engine.vllm_detailed import detailed as _detailed
 
 log = logging.getLogger(__name__)
+
+try:  # vLLM's own admission valves (--max-num-queued-reqs/-tokens), new since 0.26.0
+    from vllm.exceptions import MaxQueuedTokensError, QueueOverflowError
+
+    _ENGINE_BUSY: tuple[type[Exception], ...] = (QueueOverflowError, MaxQueuedTokensError)
+except ImportError:  # the GPU kit's older release: no valve, nothing to catch
+    _ENGINE_BUSY = ()
 
 
 class _SchedulerStatsProbe(StatLoggerBase):
@@ -245,6 +253,8 @@ class VllmEngine:
                 yield delta
         except VllmEngineDeadError as exc:
             raise EngineDeadError("the engine is not running") from exc
+        except _ENGINE_BUSY as exc:
+            raise EngineBusyError(str(exc)) from exc
         except VLLMValidationError as exc:
             # Written for the client (and a client error, not a ValueError, since vLLM 0.27).
             message = exc.args[0] if exc.args else str(exc)

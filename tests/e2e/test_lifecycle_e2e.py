@@ -50,7 +50,7 @@ async def test_sigterm_drains_streams_then_exits_zero(tmp_path: Path, how: str) 
         url = f"{server.base_url}/v1/chat/completions"
         # Seconds long on this machine, whatever its speed: the signal must come mid-stream, and
         # the drain must wait for the streams to end by themselves.
-        tokens = await asyncio.to_thread(tokens_lasting, server.base_url, 20)
+        tokens = await asyncio.to_thread(tokens_lasting, server.base_url, 8)
         async with httpx.AsyncClient(timeout=120) as client:
             firsts = [asyncio.Event() for _ in range(3)]
             streams = [asyncio.create_task(read_stream(client, url, ev, tokens)) for ev in firsts]

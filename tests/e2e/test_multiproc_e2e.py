@@ -121,7 +121,7 @@ async def test_two_front_ends_serve_metrics_add_up_and_ctrl_c_drains_both(
 
             # Seconds long on this machine, whatever its speed: the signal comes mid-stream, and
             # the drains wait for the streams to end by themselves.
-            tokens = await asyncio.to_thread(tokens_lasting, server.base_url, 20)
+            tokens = await asyncio.to_thread(tokens_lasting, server.base_url, 8)
             firsts = [asyncio.Event() for _ in range(4)]
             # A client of their own, on new connections. In one run the four streams reached the
             # server one after another, 20 s apart, while this client's pool held the idle

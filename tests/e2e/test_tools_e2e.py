@@ -19,7 +19,14 @@ import pytest
 from openai import AsyncOpenAI
 from pydantic import Field
 
-from tests.support import MODEL, TEST_API_KEY, ServerProcess
+from tests.support import (
+    ENDLESS_TOKENS,
+    MODEL,
+    TEST_API_KEY,
+    ServerProcess,
+    metric_value,
+    wait_until,
+)
 from tests.unit.agents import TOOL_HISTORY
 
 MOOD = {
@@ -273,7 +280,7 @@ async def test_thoughts_are_never_spoken(reasoning_server: ServerProcess) -> Non
     client = AsyncOpenAI(base_url=reasoning_server.base_url + "/v1", api_key="-", max_retries=0)
     from transformers import AutoTokenizer
 
-    from tests.support import DEMO_MODEL_DIR, metric_value
+    from tests.support import DEMO_MODEL_DIR
 
     end_think = AutoTokenizer.from_pretrained(str(DEMO_MODEL_DIR)).convert_tokens_to_ids("</think>")
 
@@ -304,3 +311,40 @@ async def test_thoughts_are_never_spoken(reasoning_server: ServerProcess) -> Non
     message = resp.choices[0].message
     assert message.content and not getattr(message, "reasoning_content", None)
     assert ttft_count() == before + 1
+
+
+async def test_vllms_own_request_bound_refuses_a_turn_with_a_429_and_serves_on(
+    reasoning_server: ServerProcess,
+) -> None:
+    """An operator who ran `vllm serve --max-num-queued-reqs N` keeps the flag: past the bound a
+    turn is refused with a 429 a voice platform retries on another replica (not a 500 that
+    says nothing), the turn in flight runs on, and the next turn after it is served."""
+    url = reasoning_server.base_url + "/v1/chat/completions"
+    long_turn = {"model": MODEL, "messages": USER, "stream": True,
+                 "max_tokens": ENDLESS_TOKENS, "ignore_eos": True}  # fmt: skip
+    short_turn = {"model": MODEL, "messages": USER, "max_tokens": 4}
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream("POST", url, json=long_turn) as held,
+    ):
+        assert held.status_code == 200
+        lines = held.aiter_lines()
+        while not (await anext(lines)).startswith("data: {"):
+            pass  # the bound's one request is in the engine
+        refused = await client.post(url, json=short_turn)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1"
+        error = refused.json()["error"]
+        assert (error["type"], error["code"]) == ("rate_limit_error", "server_overloaded")
+        frame = ""
+        while not frame:  # frames are separated by blank lines
+            frame = await anext(lines)
+        assert frame.startswith("data: {"), "the turn in flight runs on"
+    # Closing the held stream aborts it; the engine counts it out a moment later.
+    served = wait_until(
+        lambda: httpx.post(url, json=short_turn, timeout=60).status_code == 200, 30,
+        what="a turn served after the held one ended",
+    )  # fmt: skip
+    assert served
+    text = reasoning_server.metrics()
+    assert metric_value(text, "avatar_requests_rejected_total", reason="overload") >= 1

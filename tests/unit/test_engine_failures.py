@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from serve.engine.base import Delta, EngineRequestError, SamplingOptions
+from serve.engine.base import Delta, EngineBusyError, EngineRequestError, SamplingOptions
 from serve.engine.fake import FakeEngine
 from tests.support import metric_value
 from tests.unit.conftest import chat_body, open_client
@@ -131,3 +131,42 @@ async def test_a_collected_answer_the_engine_fails_midway_is_a_500(
         )
     assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
     assert again.status_code == 200  # one failed request, and the server serves on
+
+
+class _FullQueueLLM(_OneRequestLLM):
+    """vLLM's own valve at capacity (``--max-num-queued-reqs``): the request is refused as it
+    is added, before any output."""
+
+    async def generate(self, prompt: Any, params: Any, request_id: str, **_: Any) -> Any:
+        from vllm.exceptions import QueueOverflowError
+
+        raise QueueOverflowError()
+        yield  # an async generator, as AsyncLLM.generate is
+
+
+async def test_the_vllm_adapter_reports_vllms_full_queue_as_busy() -> None:
+    engine = _vllm_engine([])
+    engine._llm = _FullQueueLLM([])
+    with pytest.raises(EngineBusyError):
+        await _drain(engine.generate([1, 2, 3], SamplingOptions(max_tokens=8), "req-1"))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_the_engines_own_valve_refuses_is_a_429_to_retry_elsewhere(
+    engine: FakeEngine, app_factory: Callable[..., FastAPI], stream: bool
+) -> None:
+    """Not a 500 that says nothing: the operator bounded the engine, and a voice platform
+    sends a 429'd turn to another replica."""
+    engine.busy = True
+    async with open_client(app_factory()) as c:
+        r = await c.post("/v1/chat/completions", json=chat_body(stream=stream))
+        engine.busy = False
+        again = await c.post("/v1/chat/completions", json=chat_body(stream=stream))
+        metrics = await _metrics(c)
+    assert r.status_code == 429, r.text
+    assert r.headers["retry-after"] == "1"
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "server_overloaded")
+    assert again.status_code == 200
+    assert metric_value(metrics, "avatar_requests_total", status="429") == 1
+    assert metric_value(metrics, "avatar_requests_rejected_total", reason="overload") == 1
