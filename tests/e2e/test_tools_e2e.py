@@ -331,7 +331,8 @@ async def test_vllms_own_request_bound_refuses_a_turn_with_a_429_and_serves_on(
         lines = held.aiter_lines()
         while not (await anext(lines)).startswith("data: {"):
             pass  # the bound's one request is in the engine
-        refused = await client.post(url, json=short_turn)
+        # A streamed turn, as a voice platform sends it: refused before its stream begins.
+        refused = await client.post(url, json={**short_turn, "stream": True})
         assert refused.status_code == 429, refused.text
         assert refused.headers["retry-after"] == "1"
         error = refused.json()["error"]
