@@ -189,7 +189,7 @@ def test_persona_streams_run_on_through_a_load_and_an_unload(
     """Three streams (two personas and the base) are in flight when a new persona is loaded
     and one of theirs is unloaded: every stream ends whole, with every token it asked for."""
     # Seconds long on this machine, whatever its speed: the load and the unload land mid-stream.
-    tokens = tokens_lasting(persona_server.base_url, 8, AUTH)
+    tokens = tokens_lasting(persona_server.base_url, 10, AUTH)
     started: list[str] = []
 
     def stream(model: str) -> tuple[str, dict[str, Any]]:
