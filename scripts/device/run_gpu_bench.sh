@@ -54,12 +54,12 @@ export PYTHONUNBUFFERED=1
 
 # The voice step's flags (loadtest.voice --base-url on each server); '' when VOICE=0. Sized for
 # the call's budget: 2 levels of 15 s, 1 round, about a minute per server on the H200
-# (docs/gpu-benchmark.md). The dry run: 2 and 4 sessions, 8 s, short prompts and replies.
+# (docs/gpu-benchmark.md). The dry run: 2 and 4 sessions, 4 s, short thinks, prompts and replies.
 voice_args=""
 if [ "${VOICE:-1}" != 0 ]; then
   if [ "$mode" = dry ]; then
-    voice_args="--sessions ${VOICE_SESSIONS:-2,4} --duration ${VOICE_DURATION:-8} --drain 20 \
---rounds ${VOICE_ROUNDS:-1} --calibration-requests 4 --persona-chars 400:800 \
+    voice_args="--sessions ${VOICE_SESSIONS:-2,4} --duration ${VOICE_DURATION:-4} --drain 20 \
+--rounds ${VOICE_ROUNDS:-1} --calibration-requests 4 --persona-chars 400:800 --think-s 0.3:0.8 \
 --max-context-chars 2000 --reply-tokens 8:16 --no-plot"
   else
     voice_args="--sessions ${VOICE_SESSIONS:-128,512} --duration ${VOICE_DURATION:-15} \
