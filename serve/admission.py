@@ -34,6 +34,7 @@ from serve.errors import Refused
 from serve.telemetry import Metrics
 
 _DRAINING = "The server is shutting down; retry on another replica."
+_AT_CAPACITY = "The server is at capacity; retry shortly."
 
 # (priority, arrival order, the waiter's future): the order is unique, so futures are never
 # compared, and equal priorities keep their arrival order.
@@ -86,6 +87,18 @@ class Admission:
         """Return once no request is running or waiting (used by the drain)."""
         await self._idle.wait()
 
+    def refuse_now(self, demand: Demand) -> None:
+        """Raise the ``Refused`` that ``acquire`` would raise at once with things as they are now
+        (draining, the queue full, a budget that cannot be met), and nothing else: no slot is
+        taken and no state changes. It needs no prompt tokens, so a request can be turned away
+        before its prompt is rendered and tokenized; ``acquire`` decides again later."""
+        if self._draining:
+            raise Refused("draining", _DRAINING)
+        if demand.deadline is not None:
+            self._check_budget(demand)
+        if self._free <= 0 and self.waiting >= self._max_waiting:
+            raise Refused("overload", _AT_CAPACITY)
+
     async def acquire(self, demand: Demand | None = None) -> None:
         """Take one engine slot, waiting in the bounded queue if none is free.
 
@@ -110,7 +123,7 @@ class Admission:
             self.predictor.on_admit(demand, time.perf_counter())
             return
         if self.waiting >= self._max_waiting:
-            raise Refused("overload", "The server is at capacity; retry shortly.")
+            raise Refused("overload", _AT_CAPACITY)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (demand.priority, next(self._order), waiter))
         self._set(waiting=+1)

@@ -84,10 +84,16 @@ class GenerationService:
     # -- validate and convert ------------------------------------------------------------
 
     async def prepare_chat(
-        self, req: ChatCompletionRequest, record: RequestRecord, request_id: str
+        self,
+        req: ChatCompletionRequest,
+        record: RequestRecord,
+        request_id: str,
+        ttft_budget: float | None = None,
+        priority: int | None = None,
     ) -> Prepared:
         record.parsed = time.perf_counter()
         adapter = self._check_common(req, record)
+        self._refuse_now(req, record, ttft_budget, priority)
         messages = engine_messages(req.messages)
         # A schema not checked before costs milliseconds, as does a long prompt: either moves
         # the work off the event loop.
@@ -130,10 +136,16 @@ class GenerationService:
         return ids
 
     async def prepare_completion(
-        self, req: CompletionRequest, record: RequestRecord, request_id: str
+        self,
+        req: CompletionRequest,
+        record: RequestRecord,
+        request_id: str,
+        ttft_budget: float | None = None,
+        priority: int | None = None,
     ) -> Prepared:
         record.parsed = time.perf_counter()
         adapter = self._check_common(req, record)
+        self._refuse_now(req, record, ttft_budget, priority)
         prompts = features.prompts(req.prompt)
         texts = [prompt for prompt in prompts if isinstance(prompt, str)]
         if sum(map(len, texts)) > _OFFLOAD_CHARS:
@@ -219,6 +231,32 @@ class GenerationService:
             choices=choices,
         )
 
+    def _demand(
+        self, record: RequestRecord, tokens: int, priority: int, ttft_budget: float | None
+    ) -> Demand:
+        demand = Demand(tokens, priority if self._priority_queue else 0)
+        budget = ttft_budget if ttft_budget is not None else self._default_budget
+        if budget is not None:
+            # The budget counts from the request's arrival, as the client's clock does.
+            demand.budget, demand.deadline = budget, record.arrival + budget
+            record.ttft_budget = budget
+        return demand
+
+    def _refuse_now(
+        self,
+        req: SamplingFields,
+        record: RequestRecord,
+        ttft_budget: float | None,
+        priority: int | None,
+    ) -> None:
+        """Turn a request away before its prompt is rendered and tokenized, where admission
+        would refuse it now whatever its prompt (past capacity, its budget already unattainable,
+        draining): at overload that work is the event loop's to spare, for the requests it
+        serves, and the refusal comes sooner. ``respond`` decides again when it admits."""
+        self._admission.refuse_now(
+            self._demand(record, 0, priority if priority is not None else req.priority, ttft_budget)
+        )
+
     # -- run ---------------------------------------------------------------------------------
 
     async def respond(
@@ -242,12 +280,7 @@ class GenerationService:
         if priority is not None:
             p.priority = priority
         tokens = len(p.prompt_ids) if p.choices is None else sum(map(len, p.choices.prompts))
-        demand = Demand(tokens, p.priority if self._priority_queue else 0)
-        budget = ttft_budget if ttft_budget is not None else self._default_budget
-        if budget is not None:
-            # The budget counts from the request's arrival, as the client's clock does.
-            demand.budget, demand.deadline = budget, record.arrival + budget
-            record.ttft_budget = budget
+        demand = self._demand(record, tokens, p.priority, ttft_budget)
         await self._admission.acquire(demand)
         record.admitted = time.perf_counter()
         if p.choices is None:

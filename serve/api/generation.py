@@ -107,7 +107,7 @@ async def chat_completions(request: Request, service: Service, _: Authenticated)
     record, request_id = _context(request)
     budget, priority = _hints(request)
     body = await parse_body(request, ChatCompletionRequest)
-    prepared = await service.prepare_chat(body, record, request_id)
+    prepared = await service.prepare_chat(body, record, request_id, budget, priority)
     return await service.respond(prepared, record, budget, priority)
 
 
@@ -121,5 +121,5 @@ async def completions(request: Request, service: Service, _: Authenticated) -> R
     record, request_id = _context(request)
     budget, priority = _hints(request)
     body = await parse_body(request, CompletionRequest)
-    prepared = await service.prepare_completion(body, record, request_id)
+    prepared = await service.prepare_completion(body, record, request_id, budget, priority)
     return await service.respond(prepared, record, budget, priority)

@@ -381,3 +381,45 @@ def test_the_flags_pass_through_the_cli() -> None:
     from_env = parse_settings([], {"AVATAR_DEFAULT_SLO_TTFT_MS": "250"})
     assert from_env.default_slo_ttft_ms == 250
     assert parse_settings([], {}).default_slo_ttft_ms is None, "off by default"
+
+
+@pytest.mark.parametrize("why", ["overload", "slo_unattainable"])
+async def test_a_request_refused_at_the_door_costs_no_prompt_work(
+    monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    """At overload every refused turn's template and tokenizer would be event-loop time taken
+    from the streams being served: a request admission refuses whatever its prompt is turned
+    away before its prompt is rendered or tokenized."""
+    engine = FakeEngine()
+    engine.first_token_gate = asyncio.Event()
+    app = _app(engine, max_running_requests=1, max_waiting_requests=0)
+    _teach(app.state.admission.predictor, hold=20.0)
+    prepared: list[str] = []
+    for name in ("render_chat", "encode"):
+        real = getattr(engine, name)
+        monkeypatch.setattr(
+            engine,
+            name,
+            lambda *a, _real=real, _name=name, **k: prepared.append(_name) or _real(*a, **k),
+        )
+    headers = {"x-slo-ttft-ms": "1000"} if why == "slo_unattainable" else {}
+    async with open_client(app) as c:
+        running = asyncio.create_task(c.post(CHAT, json=chat_body()))
+        await _until(lambda: app.state.admission.running == 1)
+        work = len(prepared)
+        assert work > 0, "the admitted request's prompt was prepared"
+        for path, body in (
+            (CHAT, chat_body()),
+            ("/v1/completions", {"model": chat_body()["model"], "prompt": "Hi there"}),
+        ):
+            refused = await c.post(path, json=body, headers=headers)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == (
+                "server_overloaded" if why == "overload" else why
+            )
+        assert len(prepared) == work, "no template or tokenizer ran for the refused requests"
+        engine.first_token_gate.set()
+        assert (await running).status_code == 200
+    assert len(engine.seen) == 1
+    text = _metrics(app)
+    assert metric_value(text, "avatar_requests_rejected_total", reason=why) == 2
