@@ -347,7 +347,7 @@ async def test_a_refused_session_leaves_at_once(fake: FakeServer) -> None:
 
 async def test_cli_against_the_fake_server(fake: FakeServer, tmp_path: Path) -> None:
     argv = [
-        "--base-url", fake.url + "/v1", "--sessions", "2,4", "--duration", "3", "--drain", "5",
+        "--base-url", fake.url + "/v1", "--sessions", "2,4", "--duration", "2", "--drain", "5",
         "--rounds", "1", "--turns", "2:3", "--think-s", "0.2:0.4", "--reply-tokens", "10:20",
         "--calibration-requests", "3", "--cps", "200", "--tool-share", "0.3",
         "--barge-in", "0.5", "--barge-in-s", "0.02:0.05", "--out", str(tmp_path),
