@@ -42,6 +42,7 @@ class Prepared:
     reasoning: bool = False  # the engine has a reasoning parser (the answer carries thoughts)
     parsed: bool = False  # the engine splits the answer into text, reasoning and tool calls
     priority: int = 0  # vLLM's: lower is served earlier (with --scheduling-policy priority)
+    ttft_budget: float | None = None  # seconds, from x-slo-ttft-ms (None: the server default)
     # Several answers, or more than text in them (serve.choices); None: the plain path.
     choices: Choices | None = None
 

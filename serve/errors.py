@@ -121,6 +121,10 @@ def to_api_error(exc: BaseException) -> APIError:
     """The single exception → status mapping."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, EngineBusyError):
+        # The operator's engine-side bound (vLLM's --max-num-queued-reqs): refused as our own
+        # capacity bound refuses, with a status a voice platform retries on another replica.
+        exc = Refused("overload", "The engine is at its request limit; retry shortly.")
     if isinstance(exc, Refused):
         if exc.reason == "overload" or exc.reason in SLO_REFUSALS:
             return APIError(
@@ -131,16 +135,6 @@ def to_api_error(exc: BaseException) -> APIError:
                 headers={"Retry-After": exc.retry_after},
             )
         return unavailable(str(exc), exc.reason)
-    if isinstance(exc, EngineBusyError):
-        # The operator's engine-side bound, refused as our own capacity bound refuses: at once,
-        # with a status a voice platform retries on another replica.
-        return APIError(
-            429,
-            "The engine is at its request limit; retry shortly or on another replica.",
-            type="rate_limit_error",
-            code="server_overloaded",
-            headers={"Retry-After": "1"},
-        )
     if isinstance(exc, EngineDeadError):
         return unavailable("The model engine is not running; retry shortly.", "engine_dead")
     if isinstance(exc, EngineRequestError):

@@ -93,7 +93,8 @@ class GenerationService:
     ) -> Prepared:
         record.parsed = time.perf_counter()
         adapter = self._check_common(req, record)
-        self._refuse_now(req, record, ttft_budget, priority)
+        priority = _priority(req, priority)
+        self._admission.refuse_now(self._demand(record, 0, priority, ttft_budget))
         messages = engine_messages(req.messages)
         # A schema not checked before costs milliseconds, as does a long prompt: either moves
         # the work off the event loop.
@@ -113,6 +114,7 @@ class GenerationService:
         parsed = self._engine.parses(turn)
         choices = features.plan(req, [prompt_ids], parsed=parsed)
         p = self._prepared(req, record, request_id, prompt_ids, "chatcmpl-", structured, choices)
+        p.priority, p.ttft_budget = priority, ttft_budget
         p.adapter = adapter
         p.turn = turn
         p.parsed = parsed
@@ -145,7 +147,8 @@ class GenerationService:
     ) -> Prepared:
         record.parsed = time.perf_counter()
         adapter = self._check_common(req, record)
-        self._refuse_now(req, record, ttft_budget, priority)
+        priority = _priority(req, priority)
+        self._admission.refuse_now(self._demand(record, 0, priority, ttft_budget))
         prompts = features.prompts(req.prompt)
         texts = [prompt for prompt in prompts if isinstance(prompt, str)]
         if sum(map(len, texts)) > _OFFLOAD_CHARS:
@@ -165,6 +168,7 @@ class GenerationService:
         choices = features.plan(req, ids, echo=echo, echo_first=echo_first)
         structured = features.structured(req, self._schemas, None)
         p = self._prepared(req, record, request_id, ids[0], "cmpl-", structured, choices)
+        p.priority, p.ttft_budget = priority, ttft_budget
         p.adapter = adapter
         return p
 
@@ -227,13 +231,17 @@ class GenerationService:
             req.include_usage,
             fmt,
             reasoning=self._engine.reasoning,
-            priority=req.priority,
             choices=choices,
         )
 
     def _demand(
         self, record: RequestRecord, tokens: int, priority: int, ttft_budget: float | None
     ) -> Demand:
+        """The request as admission sees it. Built with no tokens right after the checks every
+        request shares: what admission would refuse now whatever the prompt (past capacity, a
+        budget already unattainable, a drain) is turned away before the prompt is rendered and
+        tokenized, work the event loop then spares for the requests it serves at overload;
+        ``respond`` builds it again with the prompt's tokens, and admission decides again."""
         demand = Demand(tokens, priority if self._priority_queue else 0)
         budget = ttft_budget if ttft_budget is not None else self._default_budget
         if budget is not None:
@@ -242,45 +250,21 @@ class GenerationService:
             record.ttft_budget = budget
         return demand
 
-    def _refuse_now(
-        self,
-        req: SamplingFields,
-        record: RequestRecord,
-        ttft_budget: float | None,
-        priority: int | None,
-    ) -> None:
-        """Turn a request away before its prompt is rendered and tokenized, where admission
-        would refuse it now whatever its prompt (past capacity, its budget already unattainable,
-        draining): at overload that work is the event loop's to spare, for the requests it
-        serves, and the refusal comes sooner. ``respond`` decides again when it admits."""
-        self._admission.refuse_now(
-            self._demand(record, 0, priority if priority is not None else req.priority, ttft_budget)
-        )
-
     # -- run ---------------------------------------------------------------------------------
 
-    async def respond(
-        self,
-        p: Prepared,
-        record: RequestRecord,
-        ttft_budget: float | None = None,
-        priority: int | None = None,
-    ) -> Response:
+    async def respond(self, p: Prepared, record: RequestRecord) -> Response:
         """Admit, start the engine, wait for its first delta, then stream or collect.
 
-        ``ttft_budget`` (seconds, from ``x-slo-ttft-ms``; else the server's default) and
-        ``priority`` (the ``X-Vllm-Priority`` header, which wins over the body's) go to admission
-        and the engine.
+        ``p.ttft_budget`` (seconds, from ``x-slo-ttft-ms``; else the server's default) and
+        ``p.priority`` go to admission and the engine.
 
         Waiting for the first delta before answering lets a request that fails to start get a
         real status (400, 503) instead of a 200 with an error frame; the first frame then goes
         out with the headers, so this costs no time to first token.
         """
         record.queued = time.perf_counter()
-        if priority is not None:
-            p.priority = priority
         tokens = len(p.prompt_ids) if p.choices is None else sum(map(len, p.choices.prompts))
-        demand = self._demand(record, tokens, p.priority, ttft_budget)
+        demand = self._demand(record, tokens, p.priority, p.ttft_budget)
         await self._admission.acquire(demand)
         record.admitted = time.perf_counter()
         if p.choices is None:
@@ -324,6 +308,11 @@ class GenerationService:
         finally:
             await close()
         return Response(body, media_type="application/json")
+
+
+def _priority(req: SamplingFields, header: int | None) -> int:
+    """The request's priority: the ``X-Vllm-Priority`` header wins over the body's field."""
+    return header if header is not None else req.priority
 
 
 def _decode_time(record: RequestRecord) -> tuple[float | None, int]:

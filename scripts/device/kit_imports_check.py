@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from prepare_carry import normalize
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_PACKAGES = Path(__file__).with_name("image-packages.txt")
@@ -46,10 +47,6 @@ MODULES = (
     "vllm.tool_parsers.hermes_tool_parser",
     "vllm.reasoning.qwen3_engine_reasoning_parser",
 )
-
-
-def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def image_packages(path: Path = IMAGE_PACKAGES) -> set[str]:

@@ -108,7 +108,7 @@ async def chat_completions(request: Request, service: Service, _: Authenticated)
     budget, priority = _hints(request)
     body = await parse_body(request, ChatCompletionRequest)
     prepared = await service.prepare_chat(body, record, request_id, budget, priority)
-    return await service.respond(prepared, record, budget, priority)
+    return await service.respond(prepared, record)
 
 
 @router.post(
@@ -122,4 +122,4 @@ async def completions(request: Request, service: Service, _: Authenticated) -> R
     budget, priority = _hints(request)
     body = await parse_body(request, CompletionRequest)
     prepared = await service.prepare_completion(body, record, request_id, budget, priority)
-    return await service.respond(prepared, record, budget, priority)
+    return await service.respond(prepared, record)
