@@ -43,14 +43,20 @@ from serve.engine.base import (
     SamplingOptions,
     StructuredOutput,
 )
-from serve.errors import invalid_request
+from serve.errors import APIError, invalid_request
 from serve.personas import Personas
 from serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from serve.request_record import RequestRecord
 from serve.schemas import SchemaChecks
 from serve.settings import Settings
 from serve.streaming import ChunkFormat, SSEResponse
-from serve.token_limits import check_logit_bias, check_token_ids, fit_window, token_id
+from serve.token_limits import (
+    check_lengths,
+    check_logit_bias,
+    check_token_ids,
+    fit_window,
+    token_id,
+)
 
 # Prompts larger than this are rendered and tokenized in a worker thread, so one long
 # conversation does not stall every other stream's next token. A chat prompt's size counts the
@@ -148,8 +154,15 @@ class GenerationService:
         record.parsed = time.perf_counter()
         adapter = self._check_common(req, record)
         priority = _priority(req, priority)
-        self._admission.refuse_now(self._demand(record, 0, priority, ttft_budget))
         prompts = features.prompts(req.prompt)
+        # Token ids are checked before the door: a request that is wrong whatever the load gets
+        # its 400 under overload too, and a retry on another replica would not mend it.
+        for n, prompt in enumerate(prompts):
+            if isinstance(prompt, list):
+                check_token_ids(prompt, self._engine.vocab_size)
+            if not prompt and not (isinstance(prompt, str) and self._engine.encode(prompt)):
+                raise _empty_prompt(n, len(prompts))  # "" costs the tokenizer nothing
+        self._admission.refuse_now(self._demand(record, 0, priority, ttft_budget))
         texts = [prompt for prompt in prompts if isinstance(prompt, str)]
         if sum(map(len, texts)) > _OFFLOAD_CHARS:
             encoded = await asyncio.to_thread(self._encode_all, prompts)
@@ -162,8 +175,7 @@ class GenerationService:
         ids = [features.truncate(i, req.truncate_prompt_tokens, window) for i in encoded]
         for n, prompt_ids in enumerate(ids):
             if not prompt_ids:
-                param = "prompt" if len(ids) == 1 else f"prompt.{n}"
-                raise invalid_request("The prompt is empty.", param=param)
+                raise _empty_prompt(n, len(ids))
         echo, echo_first = features.echo(self._engine, req, prompts, encoded, ids)
         choices = features.plan(req, ids, echo=echo, echo_first=echo_first)
         structured = features.structured(req, self._schemas, None)
@@ -177,13 +189,13 @@ class GenerationService:
         for prompt in prompts:
             if isinstance(prompt, str):
                 out.append(self._engine.encode(prompt))
-            else:
-                # Token ids are the client's to choose: check them here, not deep in the engine.
-                check_token_ids(prompt, self._engine.vocab_size)
+            else:  # checked in prepare_completion, before the door
                 out.append(list(prompt))
         return out
 
-    def _check_common(self, req: SamplingFields, record: RequestRecord) -> Adapter | None:
+    def _check_common(
+        self, req: ChatCompletionRequest | CompletionRequest, record: RequestRecord
+    ) -> Adapter | None:
         """Checks every generation request shares; returns the persona ``model`` names."""
         adapter = self._personas.resolve(req.model)  # 404 for a name nobody serves
         record.model = req.model
@@ -198,6 +210,7 @@ class GenerationService:
             raise invalid_request("`stop` sequences must not be empty.", param="stop")
         if req.logit_bias:
             check_logit_bias(req.logit_bias, self._engine.vocab_size)
+        check_lengths(req, self._engine.max_model_len)
         return adapter
 
     def _prepared(
@@ -308,6 +321,10 @@ class GenerationService:
         finally:
             await close()
         return Response(body, media_type="application/json")
+
+
+def _empty_prompt(n: int, count: int) -> APIError:
+    return invalid_request("The prompt is empty.", param="prompt" if count == 1 else f"prompt.{n}")
 
 
 def _priority(req: SamplingFields, header: int | None) -> int:

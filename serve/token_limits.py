@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from serve.errors import invalid_request
+from serve.errors import APIError, invalid_request
 from serve.protocol import ChatCompletionRequest, CompletionRequest
 
 _MAX_KEYS_NAMED = 16  # bad logit_bias keys an error names one by one
@@ -48,6 +48,23 @@ def token_id(key: str) -> int:
     return int(key.lstrip("0") or "0")
 
 
+def check_lengths(req: ChatCompletionRequest | CompletionRequest, window: int) -> None:
+    """What ``fit_window`` would refuse whatever the prompt (it has a token at least), checked
+    before the prompt is tokenized: such a request gets its 400 at capacity too."""
+    requested = req.requested_max_tokens()
+    if requested is None:
+        return
+    if requested >= window:
+        raise invalid_request(
+            f"This model's maximum context length is {window} tokens; {requested} were "
+            "requested, which leaves no room for a prompt. Lower max_tokens.",
+            param=_max_param(req),
+            code="context_length_exceeded",
+        )
+    if req.min_tokens > requested:
+        raise _min_tokens_over(req.min_tokens, requested)
+
+
 def fit_window(
     req: ChatCompletionRequest | CompletionRequest, prompt_len: int, param: str, window: int
 ) -> int:
@@ -64,20 +81,27 @@ def fit_window(
         raise invalid_request(
             f"This model's maximum context length is {window} tokens; the prompt has "
             f"{prompt_len} and {requested} more were requested. Lower max_tokens.",
-            param="max_completion_tokens"
-            if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens
-            else "max_tokens",
+            param=_max_param(req),
             code="context_length_exceeded",
         )
     max_tokens = requested if requested is not None else window - prompt_len
     if req.min_tokens > max_tokens:
-        raise invalid_request(
-            f"`min_tokens` ({req.min_tokens}) must not exceed the tokens that may be "
-            f"generated ({max_tokens}).",
-            param="min_tokens",
-            code="invalid_value",
-        )
+        raise _min_tokens_over(req.min_tokens, max_tokens)
     return max_tokens
+
+
+def _max_param(req: ChatCompletionRequest | CompletionRequest) -> str:
+    chat_new = isinstance(req, ChatCompletionRequest) and req.max_completion_tokens
+    return "max_completion_tokens" if chat_new else "max_tokens"
+
+
+def _min_tokens_over(min_tokens: int, max_tokens: int) -> APIError:
+    return invalid_request(
+        f"`min_tokens` ({min_tokens}) must not exceed the tokens that may be generated "
+        f"({max_tokens}).",
+        param="min_tokens",
+        code="invalid_value",
+    )
 
 
 def _is_token_id(key: str, vocab: int) -> bool:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from loadtest.soak_hostile import headers_for, hostile_cases
 from serve.admission import Admission
 from serve.admission_predictor import MIN_SAMPLES, Demand, WaitPredictor, retry_after
 from serve.app import create_app
@@ -423,3 +424,29 @@ async def test_a_request_refused_at_the_door_costs_no_prompt_work(
     assert len(engine.seen) == 1
     text = _metrics(app)
     assert metric_value(text, "avatar_requests_rejected_total", reason=why) == 2
+
+
+async def test_every_soak_hostile_request_gets_its_own_4xx_at_capacity_too() -> None:
+    """A retry on another replica cannot mend a wrong request (an empty prompt, a token id out
+    of the vocabulary, a bad parameter): at capacity each of the soak's hostile requests still
+    gets its own 4xx, not a 429 that sends the client to retry it elsewhere."""
+    engine = FakeEngine()
+    engine.first_token_gate = asyncio.Event()
+    app = _app(engine, max_running_requests=1, max_waiting_requests=0)
+    model = chat_body()["model"]
+    wrong = []
+    async with open_client(app) as c:
+        running = asyncio.create_task(c.post(CHAT, json=chat_body()))
+        await _until(lambda: app.state.admission.running == 1)
+        for case in hostile_cases(model, api_key=None):
+            for v in case.variants:
+                got = await c.post(
+                    v.path, content=v.body, headers=headers_for(v.header_mode, None, v.content_type)
+                )
+                if got.status_code != case.expected:
+                    wrong.append((case.name, v.body, got.status_code))
+        busy = await c.post("/v1/completions", json={"model": model, "prompt": [1, 2]})
+        assert busy.status_code == 429, "a valid request is still refused at capacity"
+        engine.first_token_gate.set()
+        assert (await running).status_code == 200
+    assert not wrong, wrong
