@@ -50,10 +50,7 @@ def test_components_add_what_they_promise(rendered):
 @pytest.fixture(scope="module")
 def validated(rendered) -> dict[str, dict[str, list[dict]]]:
     """k8s version -> target -> per-object validation results."""
-    return {
-        v: {t: dl.validate_objects(objs, v) for t, objs in rendered.items()}
-        for v in dl.K8S_VERSIONS
-    }
+    return {v: dl.validate_targets(rendered, v) for v in dl.K8S_VERSIONS}
 
 
 @pytest.mark.parametrize("k8s_version", dl.K8S_VERSIONS)
