@@ -8,11 +8,18 @@ from typing import Any
 import pytest
 
 from serve.engine.base import ChatConfig, ChatTurn, EngineInputError, SamplingOptions
-from serve.engine.vllm_agents import ChatSupport
 from tests.unit.agents import TIME, WEATHER, demo_tokenizer
 
 HERMES = ChatConfig(enable_auto_tool_choice=True, tool_call_parser="hermes")
 OPTIONS = SamplingOptions(max_tokens=100)
+
+
+def ChatSupport(*args: Any, **kwargs: Any) -> Any:  # stands for the class
+    """vLLM's import (seconds) at the first test, not at collection: ``--fast`` runs on
+    several workers, and every worker collects every module."""
+    from serve.engine.vllm_agents import ChatSupport as cls
+
+    return cls(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
