@@ -33,6 +33,7 @@ from serve.telemetry import Metrics
 log = logging.getLogger(__name__)
 ENGINE_WATCH_INTERVAL_S = 0.25
 METRICS_REFRESH_INTERVAL_S = 1.0
+LOOP_LAG_INTERVAL_S = 0.05
 
 
 def create_app(
@@ -56,10 +57,12 @@ def create_app(
         await personas.start()  # --lora-modules: a persona that cannot load fails the start
         watch = asyncio.create_task(_watch_engine(engine, on_engine_dead))
         refresh = asyncio.create_task(_refresh_metrics(metrics)) if metrics.multiprocess else None
+        lag = asyncio.create_task(_watch_loop_lag(metrics))
         try:
             yield
         finally:
             watch.cancel()
+            lag.cancel()
             if refresh is not None:
                 refresh.cancel()
 
@@ -136,6 +139,16 @@ async def _watch_engine(engine: Engine, on_dead: Callable[[], None] | None) -> N
     log.critical("the engine has died: liveness and readiness now fail")
     if on_dead is not None:
         on_dead()
+
+
+async def _watch_loop_lag(metrics: Metrics) -> None:
+    # At overload a refusal took 1 ms in our handler (p50; 17 ms p99) and 28 ms (358 ms p99)
+    # at the client: the rest is the wait for this loop, which only a timer sees.
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + LOOP_LAG_INTERVAL_S
+        await asyncio.sleep(LOOP_LAG_INTERVAL_S)
+        metrics.loop_lag.observe(max(0.0, loop.time() - due))
 
 
 async def _refresh_metrics(metrics: Metrics) -> None:

@@ -231,6 +231,14 @@ class Metrics:
             "avatar_engine_alive", "1 while the engine is alive, 0 once it has died.",
             registry=registry, multiprocess_mode="livemin",
         )  # fmt: skip
+        self.loop_lag = Histogram(
+            "avatar_event_loop_lag_seconds",
+            "How late the server's event loop ran a timer (one every 50 ms): how long anything "
+            "that arrived then (a request, its refusal, a frame) waited for the loop before its "
+            "own work began, a wait the per-request timings start too late to see.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=registry,
+        )
         self.loop_tasks = Gauge(
             "avatar_event_loop_tasks",
             "asyncio tasks alive on the server's event loop(s) at scrape time (flat under "

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 
 from tests.support import metric_value
-from tests.unit.conftest import MODEL, chat_body
+from tests.unit.conftest import MODEL, chat_body, open_client
 
 
 async def _tasks(client: httpx.AsyncClient) -> float:
@@ -117,3 +117,32 @@ def test_observing_all_gaps_at_once_exports_what_one_by_one_would() -> None:
 
     # Bucket boundaries included (values equal to a bound land in that bound's bucket).
     assert samples(batch) == samples(one)
+
+
+async def test_a_blocked_event_loop_shows_in_the_loop_lag_histogram() -> None:
+    """A refusal or a first token can wait for the loop before any handler runs: an operator
+    sees that wait in avatar_event_loop_lag_seconds, not in the per-request timings."""
+    import time
+
+    from serve.app import create_app
+    from serve.engine.fake import FakeEngine
+    from tests.unit.conftest import make_settings
+
+    app = create_app(make_settings(), FakeEngine())
+
+    def over(text: str, bound: str) -> float:
+        total = metric_value(text, "avatar_event_loop_lag_seconds_count")
+        return total - metric_value(text, "avatar_event_loop_lag_seconds_bucket", le=bound)
+
+    async with app.router.lifespan_context(app), open_client(app) as c:
+        async with asyncio.timeout(10):  # the sampler runs
+            while (
+                metric_value((await c.get("/metrics")).text, "avatar_event_loop_lag_seconds_count")
+                < 2
+            ):
+                await asyncio.sleep(0.05)
+        assert over((await c.get("/metrics")).text, "0.25") == 0, "an idle loop is not late"
+        time.sleep(0.4)  # a handler that blocks the loop (a long render, a sync call)
+        async with asyncio.timeout(10):
+            while over((await c.get("/metrics")).text, "0.25") < 1:
+                await asyncio.sleep(0.05)
