@@ -98,8 +98,7 @@ class GenerationService:
         priority: int | None = None,
     ) -> Prepared:
         record.parsed = time.perf_counter()
-        adapter = self._check_common(req, record)
-        priority = _priority(req, priority)
+        adapter, priority = self._check_common(req, record, priority)
         self._admission.refuse_now(self._demand(record, 0, priority, ttft_budget))
         messages = engine_messages(req.messages)
         # A schema not checked before costs milliseconds, as does a long prompt: either moves
@@ -120,8 +119,7 @@ class GenerationService:
         parsed = self._engine.parses(turn)
         choices = features.plan(req, [prompt_ids], parsed=parsed)
         p = self._prepared(req, record, request_id, prompt_ids, "chatcmpl-", structured, choices)
-        p.priority, p.ttft_budget = priority, ttft_budget
-        p.adapter = adapter
+        p.adapter, p.priority, p.ttft_budget = adapter, priority, ttft_budget
         p.turn = turn
         p.parsed = parsed
         return p
@@ -152,8 +150,7 @@ class GenerationService:
         priority: int | None = None,
     ) -> Prepared:
         record.parsed = time.perf_counter()
-        adapter = self._check_common(req, record)
-        priority = _priority(req, priority)
+        adapter, priority = self._check_common(req, record, priority)
         prompts = features.prompts(req.prompt)
         # Token ids are checked before the door: a request that is wrong whatever the load gets
         # its 400 under overload too, and a retry on another replica would not mend it.
@@ -180,8 +177,7 @@ class GenerationService:
         choices = features.plan(req, ids, echo=echo, echo_first=echo_first)
         structured = features.structured(req, self._schemas, None)
         p = self._prepared(req, record, request_id, ids[0], "cmpl-", structured, choices)
-        p.priority, p.ttft_budget = priority, ttft_budget
-        p.adapter = adapter
+        p.adapter, p.priority, p.ttft_budget = adapter, priority, ttft_budget
         return p
 
     def _encode_all(self, prompts: list[str | list[int]]) -> list[list[int]]:
@@ -194,9 +190,13 @@ class GenerationService:
         return out
 
     def _check_common(
-        self, req: ChatCompletionRequest | CompletionRequest, record: RequestRecord
-    ) -> Adapter | None:
-        """Checks every generation request shares; returns the persona ``model`` names."""
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        record: RequestRecord,
+        priority_header: int | None,
+    ) -> tuple[Adapter | None, int]:
+        """Checks every generation request shares; returns the persona ``model`` names and the
+        request's priority (the ``X-Vllm-Priority`` header wins over the body's field)."""
         adapter = self._personas.resolve(req.model)  # 404 for a name nobody serves
         record.model = req.model
         record.model_label = self._personas.label(req.model)
@@ -211,7 +211,7 @@ class GenerationService:
         if req.logit_bias:
             check_logit_bias(req.logit_bias, self._engine.vocab_size)
         check_lengths(req, self._engine.max_model_len)
-        return adapter
+        return adapter, priority_header if priority_header is not None else req.priority
 
     def _prepared(
         self,
@@ -325,11 +325,6 @@ class GenerationService:
 
 def _empty_prompt(n: int, count: int) -> APIError:
     return invalid_request("The prompt is empty.", param="prompt" if count == 1 else f"prompt.{n}")
-
-
-def _priority(req: SamplingFields, header: int | None) -> int:
-    """The request's priority: the ``X-Vllm-Priority`` header wins over the body's field."""
-    return header if header is not None else req.priority
 
 
 def _decode_time(record: RequestRecord) -> tuple[float | None, int]:

@@ -142,7 +142,10 @@ async def test_a_blocked_event_loop_shows_in_the_loop_lag_histogram() -> None:
             ):
                 await asyncio.sleep(0.05)
         assert over((await c.get("/metrics")).text, "0.25") == 0, "an idle loop is not late"
-        time.sleep(0.4)  # a handler that blocks the loop (a long render, a sync call)
+        # A handler that holds the loop with CPU work (a long render, a sync call) for 0.4 s.
+        busy_until = time.perf_counter() + 0.4
+        while time.perf_counter() < busy_until:
+            pass
         async with asyncio.timeout(10):
             while over((await c.get("/metrics")).text, "0.25") < 1:
                 await asyncio.sleep(0.05)
