@@ -3,6 +3,7 @@ the run plans them), free ports, metric reading."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -75,6 +76,27 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached within {timeout} s (last error: {last_exc!r})")
+
+
+async def wait_not_ready(client: httpx.AsyncClient, base_url: str, timeout: float) -> float:
+    """Poll ``/ready`` until it fails (503); return the seconds that took.
+
+    Each poll on a connection of its own (with several front ends, either may answer), with a
+    short timeout of its own: on a crowded machine one poll was once held for the whole
+    deadline while the server had already logged its drain, and a poll asked again is answered.
+    """
+    started = time.perf_counter()
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                r = await client.get(
+                    f"{base_url}/ready", headers={"Connection": "close"}, timeout=2
+                )
+                if r.status_code == 503:
+                    return time.perf_counter() - started
+            except httpx.TimeoutException:
+                pass
+            await asyncio.sleep(0.02)
 
 
 @dataclass

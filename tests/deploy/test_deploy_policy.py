@@ -389,6 +389,22 @@ def test_alerts_watch_ttft_budget_attainment(rendered):
     ), slo
 
 
+def test_alerts_watch_each_pods_event_loop_lag(rendered):
+    """A front end whose loop runs late delays every refusal past the time a voice platform can
+    retry elsewhere, while the engine's own signals stay calm: the alert must see each pod."""
+    rules = {
+        r["alert"]: r
+        for pr in dl.find(rendered["gpu+alerts"], "PrometheusRule")
+        for g in pr["spec"]["groups"]
+        for r in g["rules"]
+    }
+    lag = [r for r in rules.values() if "avatar_event_loop_lag_seconds_bucket" in r["expr"]]
+    assert len(lag) == 1, list(rules)
+    expr = lag[0]["expr"]
+    assert "histogram_quantile(0.99" in expr and "> 0.05" in expr, expr
+    assert re.search(r"by \(([^)]*\bpod\b[^)]*)\)", expr), expr
+
+
 def test_dashboard_shows_ttft_budget_outcomes(rendered):
     exprs = [e for _, d in dl.dashboards(rendered["gpu+dashboard"]) for e in dl.dashboard_exprs(d)]
     assert any("avatar_slo_ttft_requests_total" in e and "by (outcome)" in e for e in exprs)

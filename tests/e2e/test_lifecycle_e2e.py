@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +20,7 @@ from tests.support import (
     metric_value,
     running_server,
     tokens_lasting,
+    wait_not_ready,
     wait_until,
 )
 
@@ -59,15 +59,7 @@ async def test_sigterm_drains_streams_then_exits_zero(tmp_path: Path, how: str) 
                 os.killpg(server.proc.pid, signal.SIGINT)  # the server leads its own group
             else:
                 server.proc.send_signal(signal.SIGTERM)
-            sent = time.perf_counter()
-
-            async def not_ready() -> bool:
-                return (await client.get(f"{server.base_url}/ready")).status_code == 503
-
-            async with asyncio.timeout(5):
-                while not await not_ready():
-                    await asyncio.sleep(0.02)
-            ready_failed_after = time.perf_counter() - sent
+            ready_failed_after = await wait_not_ready(client, server.base_url, 10)
             refused = await client.post(url, json=chat(max_tokens=4))
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "draining"

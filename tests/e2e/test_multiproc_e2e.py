@@ -25,6 +25,7 @@ from tests.support import (
     metric_value,
     running_server,
     tokens_lasting,
+    wait_not_ready,
     wait_until,
 )
 
@@ -134,21 +135,7 @@ async def test_two_front_ends_serve_metrics_add_up_and_ctrl_c_drains_both(
             # parent's SIGTERM as a second signal and cut them). SIGTERM to the parent alone
             # takes the same path in the parent (tests/unit/test_multiproc.py).
             os.killpg(server.proc.pid, signal.SIGINT)
-
-            async def not_ready() -> bool:
-                # Each poll on a connection of its own, so that either front end may answer, and
-                # with a short timeout: a poll the crowded machine delays is asked again.
-                try:
-                    r = await client.get(
-                        f"{server.base_url}/ready", headers={"Connection": "close"}, timeout=3
-                    )
-                except httpx.TimeoutException:
-                    return False
-                return r.status_code == 503
-
-            async with asyncio.timeout(15):
-                while not await not_ready():
-                    await asyncio.sleep(0.05)
+            await wait_not_ready(client, server.base_url, 15)
             texts = await asyncio.gather(*streams)
             await fresh.aclose()
         for text in texts:
