@@ -63,6 +63,7 @@ def create_app(
         finally:
             watch.cancel()
             lag.cancel()
+            app.state.service.close()
             if refresh is not None:
                 refresh.cancel()
 

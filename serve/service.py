@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import orjson
 from starlette.responses import Response
@@ -58,10 +60,17 @@ from serve.token_limits import (
     token_id,
 )
 
-# Prompts larger than this are rendered and tokenized in a worker thread, so one long
-# conversation does not stall every other stream's next token. A chat prompt's size counts the
-# tools and tool-call arguments too: the template writes them into the prompt.
-_OFFLOAD_CHARS = 16_384
+# Prompts larger than this are rendered and tokenized in the renderer thread, not on the event
+# loop. The tokenizer releases the GIL while it encodes (measured: a loop beside a thread that
+# encodes 15,600 characters kept its 1 ms timer at 1.07 ms; beside the same encode on the loop
+# it is held for all 6.4 ms of it), and with voice prompts of 1,000-6,500 characters encoding
+# on the loop took 43 % of the front end's busy time at 512 sessions (BENCHMARKS.md, "The
+# renderer thread"): every stream's next frame and every refusal waited behind it. Shorter
+# prompts encode in well under a millisecond, less than the trip to the thread and back. A
+# chat prompt's size counts the tools and tool-call arguments too: the template writes them.
+_OFFLOAD_CHARS = 1_024
+
+_T = TypeVar("_T")
 
 
 class GenerationService:
@@ -86,6 +95,10 @@ class GenerationService:
         # Load the template and parsers now: a bad name fails at start-up, not on a request.
         engine.check_chat_config(self._chat)
         self._schemas = SchemaChecks()  # agents resend the same tools every turn
+        # vLLM's server renders and tokenizes in a pool of --renderer-num-workers threads (one by
+        # default): one thread keeps the prompts in arrival order, and leaves the other cores to
+        # the loop and the engine rather than to threads contending for the GIL.
+        self._renderer = ThreadPoolExecutor(engine.renderer_workers, "renderer")
 
     # -- validate and convert ------------------------------------------------------------
 
@@ -106,7 +119,7 @@ class GenerationService:
         if _chat_chars(req, messages) > _OFFLOAD_CHARS or self._schemas.unchecked(
             request_schemas(req)
         ):
-            turn, structured, prompt_ids = await asyncio.to_thread(
+            turn, structured, prompt_ids = await self._off_loop(
                 self._chat_prompt, req, messages, record
             )
         else:
@@ -123,6 +136,13 @@ class GenerationService:
         p.turn = turn
         p.parsed = parsed
         return p
+
+    async def _off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._renderer, fn, *args)
+
+    def close(self) -> None:
+        """At shutdown: a render in progress finishes, none starts."""
+        self._renderer.shutdown(wait=False, cancel_futures=True)
 
     def _chat_prompt(
         self, req: ChatCompletionRequest, messages: list[dict[str, Any]], record: RequestRecord
@@ -162,7 +182,7 @@ class GenerationService:
         self._admission.refuse_now(self._demand(record, 0, priority, ttft_budget))
         texts = [prompt for prompt in prompts if isinstance(prompt, str)]
         if sum(map(len, texts)) > _OFFLOAD_CHARS:
-            encoded = await asyncio.to_thread(self._encode_all, prompts)
+            encoded = await self._off_loop(self._encode_all, prompts)
         else:
             encoded = self._encode_all(prompts)
         if self._log_prompts and texts:

@@ -254,6 +254,12 @@ class Engine(Protocol):
         """Requests the engine runs in one batch at most (vLLM's ``--max-num-seqs``), if known."""
         ...
 
+    @property
+    def renderer_workers(self) -> int:
+        """Threads that render and tokenize prompts off the event loop (vLLM's
+        ``--renderer-num-workers``, 1 by default)."""
+        ...
+
     def check_chat_config(self, config: ChatConfig) -> None:
         """Load what ``config`` names (template, parsers); ValueError if this engine cannot."""
         ...

@@ -111,6 +111,10 @@ class FakeEngine:
     def max_num_seqs(self) -> int | None:
         return self._max_num_seqs
 
+    @property
+    def renderer_workers(self) -> int:
+        return 1
+
     def check_chat_config(self, config: ChatConfig) -> None:
         if self._chat is not None:
             self._chat.check(config)

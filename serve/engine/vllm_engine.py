@@ -166,6 +166,10 @@ class VllmEngine:
     def max_num_seqs(self) -> int | None:
         return int(self._llm.vllm_config.scheduler_config.max_num_seqs)
 
+    @property
+    def renderer_workers(self) -> int:
+        return int(self._llm.model_config.renderer_num_workers)
+
     def check_chat_config(self, config: ChatConfig) -> None:
         self._chat.check(config)
 
