@@ -413,13 +413,22 @@ def _bench_target(
         if proc.returncode != 0 or not (out / "results.json").is_file():
             log(f"{name}: bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             return None
+        lag = None
         if voice is not None:
             # On the same server, after the bench and its last scrape: no second start to pay
             # for, and the voice run's engine counters see no other traffic.
             voice.run(name, srv.base_url, out / "voice", python, deadline, time.monotonic() - t0)
+            lag = loop_lag(after, _scrape(srv.base_url)) if voice.reports.get(name) else None
+            if lag is not None:
+                log(
+                    f"{name}: event-loop lag over the voice step: mean {lag['mean_ms']:.1f} ms; "
+                    f"over 25 / 50 / 100 ms: {lag['over_25ms']:.1%} / {lag['over_50ms']:.1%} / "
+                    f"{lag['over_100ms']:.1%} of {lag['ticks']:.0f} ticks"
+                )
     result = dict(json.loads((out / "results.json").read_text()))
     result["ready_s"] = ready_s
     result["frontend_cpu_us_per_token"] = cpu_per_token
+    result["voice_loop_lag"] = lag
     return result
 
 
@@ -635,6 +644,44 @@ def frontend_cpu_us_per_token(before: str, after: str) -> float | None:
         return None
     made = tokens[1] - tokens[0]  # type: ignore[operator]
     return (cpu[1] - cpu[0]) / made * 1e6 if made > 0 else None  # type: ignore[operator]
+
+
+LOOP_LAG = "avatar_event_loop_lag_seconds"
+
+
+def _lag_totals(text: str) -> tuple[dict[float, float], float, float]:
+    """Our loop-lag histogram in one scrape, summed over front ends: buckets, count, sum."""
+    from prometheus_client.parser import text_string_to_metric_families  # in the image
+
+    buckets: dict[float, float] = {}
+    count = total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == LOOP_LAG + "_bucket":
+                le = float(sample.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + float(sample.value)
+            elif sample.name == LOOP_LAG + "_count":
+                count += float(sample.value)
+            elif sample.name == LOOP_LAG + "_sum":
+                total += float(sample.value)
+    return buckets, count, total
+
+
+def loop_lag(before: str, after: str) -> dict[str, float] | None:
+    """How late our front end's event loop ran between two scrapes: its ticks, their mean
+    lateness, and the share more than 25, 50 and 100 ms late. None for a server without the
+    metric (vLLM's) or without ticks in between. On the card the front end, not the engine, was
+    the ceiling at 512 voice sessions: this is where it shows."""
+    b0, c0, s0 = _lag_totals(before)
+    b1, c1, s1 = _lag_totals(after)
+    ticks = c1 - c0
+    if not b1 or ticks <= 0:
+        return None
+    lag: dict[str, float] = {"ticks": ticks, "mean_ms": (s1 - s0) / ticks * 1000}
+    for ms in (25, 50, 100):
+        within = b1.get(ms / 1000, 0.0) - b0.get(ms / 1000, 0.0)
+        lag[f"over_{ms}ms"] = (ticks - within) / ticks
+    return lag
 
 
 def _save_metrics(text: str, out: Path) -> None:

@@ -244,6 +244,31 @@ def test_frontend_cpu_per_token_counts_only_the_tokens_between_scrapes() -> None
     assert gpu_bench.frontend_cpu_us_per_token(after, after) is None  # no tokens in between
 
 
+def test_loop_lag_counts_only_the_ticks_between_scrapes() -> None:
+    def scrape(counts: tuple[int, int, int, int], total: int, lag_sum: float) -> str:
+        le = ("0.025", "0.05", "0.1", "+Inf")
+        pairs = zip(le, counts, strict=True)
+        rows = [f'avatar_event_loop_lag_seconds_bucket{{le="{b}"}} {n}.0' for b, n in pairs]
+        return (
+            "# TYPE avatar_event_loop_lag_seconds histogram\n"
+            + "\n".join(rows)
+            + f"\navatar_event_loop_lag_seconds_count {total}.0"
+            + f"\navatar_event_loop_lag_seconds_sum {lag_sum}\n"
+        )
+
+    before = scrape((100, 100, 100, 100), 100, 0.1)
+    # 1,000 ticks more: 900 within 25 ms, 60 between 25 and 50, 30 up to 100, 10 beyond.
+    after = scrape((1000, 1060, 1090, 1100), 1100, 2.1)
+    lag = gpu_bench.loop_lag(before, after)
+    assert lag is not None
+    assert lag["ticks"] == 1000 and lag["mean_ms"] == pytest.approx(2.0)
+    assert lag["over_25ms"] == pytest.approx(0.10) and lag["over_50ms"] == pytest.approx(0.04)
+    assert lag["over_100ms"] == pytest.approx(0.01)
+    vllm = "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 4.0\n"
+    assert gpu_bench.loop_lag(vllm, vllm) is None  # vLLM's server has no such metric
+    assert gpu_bench.loop_lag(after, after) is None  # no tick in between
+
+
 def _fake_level() -> dict[str, object]:
     ms = {"p50": 5.0, "p99": 6.0}
     summary = {"completed": 3, "errors": 0, "output_token_throughput": 10.0}
@@ -501,6 +526,9 @@ def test_dry_run_writes_results_and_prints_the_table(dry_runs: DryRuns) -> None:
     assert any(line.startswith("ours/vllm conc 2:") for line in table), table
     for name in ("ours", "vllm"):
         assert any(line.startswith(f"{name} front-end CPU: ") for line in table), table
+    # Our front end's loop over the voice step (vLLM's server has no such metric).
+    lag_lines = [ln for ln in proc.stderr.splitlines() if "event-loop lag over the voice" in ln]
+    assert len(lag_lines) == 1 and "ours:" in lag_lines[0], lag_lines
     voice_lines = lines[voice_at:]
     assert len(voice_lines) == 1 + 1 + 4 + 1, voice_lines  # SLO, header, 2 x 2 rows, capacity
     assert voice_lines[-1].startswith("voice capacity at SLO (sessions): ours "), voice_lines
