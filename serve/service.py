@@ -66,8 +66,9 @@ from serve.token_limits import (
 # it is held for all 6.4 ms of it), and with voice prompts of 1,000-6,500 characters encoding
 # on the loop took 43 % of the front end's busy time at 512 sessions (BENCHMARKS.md, "The
 # renderer thread"): every stream's next frame and every refusal waited behind it. Shorter
-# prompts encode in well under a millisecond, less than the trip to the thread and back. A
-# chat prompt's size counts the tools and tool-call arguments too: the template writes them.
+# prompts encode in under half a millisecond, about what the trip to the thread and back costs
+# (0.5-0.8 ms there, on 2 busy cores). A chat prompt's size counts the tools and tool-call
+# arguments too: the template writes them.
 _OFFLOAD_CHARS = 1_024
 
 _T = TypeVar("_T")

@@ -99,6 +99,27 @@ async def wait_not_ready(client: httpx.AsyncClient, base_url: str, timeout: floa
             await asyncio.sleep(0.02)
 
 
+async def wait_running(client: httpx.AsyncClient, base_url: str, n: int, timeout: float) -> None:
+    """Poll ``/metrics`` until the server runs at least ``n`` requests (summed over its front
+    ends): the server's own word that streams are in flight.
+
+    Drain tests send their signal on this, not on their client's first chunks: in three full
+    runs the client saw its streams' first chunks only about when the server had sent them
+    whole (whatever their length: 5, 8 or 12 s), and the signal came after the streams.
+    """
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                r = await client.get(
+                    f"{base_url}/metrics", headers={"Connection": "close"}, timeout=2
+                )
+                if metric_value(r.text, "avatar_requests_running") >= n:
+                    return
+            except httpx.TimeoutException:
+                pass
+            await asyncio.sleep(0.02)
+
+
 @dataclass
 class ServerProcess:
     proc: subprocess.Popen[bytes]

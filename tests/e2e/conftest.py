@@ -5,7 +5,10 @@ other flags."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import faulthandler
+import inspect
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -25,3 +28,29 @@ def reasoning_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
     log_path = tmp_path_factory.mktemp("reasoning") / "server.log"
     with running_server(log_path, *SERVER_FIXTURES["reasoning_server"]) as srv:
         yield srv
+
+
+# How long an engine test's event loop may go without running before every thread's stack is
+# printed (into the test's captured stderr, shown when it fails). Drain tests have failed because
+# their client saw its streams only once the server had sent them whole (BENCHMARKS.md, "Test
+# command times"): this says what the test process was doing meanwhile.
+LOOP_STALL_S = 3.0
+
+
+@pytest.fixture(autouse=True)
+async def loop_stall_stacks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    if not inspect.iscoroutinefunction(getattr(request, "function", None)):
+        yield  # a test that does not run on the loop would look stalled throughout
+        return
+
+    async def beat() -> None:
+        while True:
+            faulthandler.dump_traceback_later(LOOP_STALL_S)
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        faulthandler.cancel_dump_traceback_later()

@@ -21,6 +21,7 @@ from tests.support import (
     running_server,
     tokens_lasting,
     wait_not_ready,
+    wait_running,
     wait_until,
 )
 
@@ -29,16 +30,13 @@ def chat(**extra: object) -> dict[str, object]:
     return {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], **extra}
 
 
-async def read_stream(
-    client: httpx.AsyncClient, url: str, first: asyncio.Event, max_tokens: int
-) -> str:
+async def read_stream(client: httpx.AsyncClient, url: str, max_tokens: int) -> str:
     body = chat(stream=True, max_tokens=max_tokens, ignore_eos=True)
     parts: list[str] = []
     async with client.stream("POST", url, json=body) as resp:
         assert resp.status_code == 200
         async for chunk in resp.aiter_text():
             parts.append(chunk)
-            first.set()
     return "".join(parts)
 
 
@@ -52,9 +50,8 @@ async def test_sigterm_drains_streams_then_exits_zero(tmp_path: Path, how: str) 
         # the drain must wait for the streams to end by themselves.
         tokens = await asyncio.to_thread(tokens_lasting, server.base_url, 8)
         async with httpx.AsyncClient(timeout=120) as client:
-            firsts = [asyncio.Event() for _ in range(3)]
-            streams = [asyncio.create_task(read_stream(client, url, ev, tokens)) for ev in firsts]
-            await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 30)
+            streams = [asyncio.create_task(read_stream(client, url, tokens)) for _ in range(3)]
+            await wait_running(client, server.base_url, 3, 30)
             if how == "ctrl-c":
                 os.killpg(server.proc.pid, signal.SIGINT)  # the server leads its own group
             else:
