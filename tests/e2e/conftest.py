@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import inspect
+import os
+import sys
 from collections.abc import AsyncIterator, Iterator
+from typing import IO
 
 import pytest
 
@@ -31,26 +34,51 @@ def reasoning_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
 
 
 # How long an engine test's event loop may go without running before every thread's stack is
-# printed (into the test's captured stderr, shown when it fails). Drain tests have failed because
-# their client saw its streams only once the server had sent them whole (BENCHMARKS.md, "Test
-# command times"): this says what the test process was doing meanwhile.
+# written down. Drain tests have failed because their client saw its streams only once the server
+# had sent them whole (BENCHMARKS.md, "Test command times"): this says what the test process
+# was doing meanwhile. The stacks go to one file for the run (named at its end, passing tests'
+# stalls included) and into the stalled test's captured stderr (shown when it fails).
 LOOP_STALL_S = 3.0
+STALLS: list[str] = []  # the tests whose loop stalled
+
+
+@pytest.fixture(scope="session")
+def stall_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IO[str]]:
+    with (tmp_path_factory.getbasetemp() / "loop-stalls.txt").open("a+") as f:
+        yield f
 
 
 @pytest.fixture(autouse=True)
-async def loop_stall_stacks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+async def loop_stall_stacks(
+    request: pytest.FixtureRequest, stall_file: IO[str]
+) -> AsyncIterator[None]:
     if not inspect.iscoroutinefunction(getattr(request, "function", None)):
         yield  # a test that does not run on the loop would look stalled throughout
         return
 
     async def beat() -> None:
         while True:
-            faulthandler.dump_traceback_later(LOOP_STALL_S)
+            faulthandler.dump_traceback_later(LOOP_STALL_S, file=stall_file)
             await asyncio.sleep(0.1)
 
+    before = os.fstat(stall_file.fileno()).st_size
     task = asyncio.create_task(beat())
     try:
         yield
     finally:
         task.cancel()
         faulthandler.cancel_dump_traceback_later()
+        if os.fstat(stall_file.fileno()).st_size > before:
+            STALLS.append(request.node.nodeid)
+            stall_file.seek(before)
+            sys.stderr.write(f"event loop stalled over {LOOP_STALL_S} s:\n{stall_file.read()}")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if STALLS:
+        terminalreporter.write_line(
+            f"event loop stalled over {LOOP_STALL_S} s in {len(STALLS)} engine test(s) "
+            f"({', '.join(STALLS)}); every thread's stack: loop-stalls.txt in the run's "
+            "pytest temporary folder",
+            yellow=True,
+        )
