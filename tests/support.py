@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import os
 import re
 import signal
@@ -357,6 +358,9 @@ def running_server(
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
             return httpx.get(f"{server.base_url}/ready", timeout=2).status_code == 200
 
+        # This wait holds an async test's event loop on purpose: not a stall to report
+        # (tests/e2e/conftest.py re-arms its watchdog once the loop runs again).
+        faulthandler.cancel_dump_traceback_later()
         try:
             wait_until(ready, ready_timeout, interval=0.25, what="server readiness")
         except TimeoutError as exc:
