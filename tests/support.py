@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -79,25 +79,28 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
     raise TimeoutError(f"{what} not reached within {timeout} s (last error: {last_exc!r})")
 
 
-async def wait_not_ready(client: httpx.AsyncClient, base_url: str, timeout: float) -> float:
-    """Poll ``/ready`` until it fails (503); return the seconds that took.
-
-    Each poll on a connection of its own (with several front ends, either may answer), with a
-    short timeout of its own: on a crowded machine one poll was once held for the whole
-    deadline while the server had already logged its drain, and a poll asked again is answered.
-    """
-    started = time.perf_counter()
+async def _poll_fresh(
+    client: httpx.AsyncClient, url: str, done: Callable[[httpx.Response], bool], timeout: float
+) -> None:
+    """GET ``url`` until ``done`` says yes. Each poll on a connection of its own (with several
+    front ends, either may answer) and with a short timeout of its own: on a crowded machine one
+    poll was once held for a whole 5 s deadline, while a poll asked again is answered."""
     async with asyncio.timeout(timeout):
         while True:
             try:
-                r = await client.get(
-                    f"{base_url}/ready", headers={"Connection": "close"}, timeout=2
-                )
-                if r.status_code == 503:
-                    return time.perf_counter() - started
+                r = await client.get(url, headers={"Connection": "close"}, timeout=2)
+                if done(r):
+                    return
             except httpx.TimeoutException:
                 pass
             await asyncio.sleep(0.02)
+
+
+async def wait_not_ready(client: httpx.AsyncClient, base_url: str, timeout: float) -> float:
+    """Poll ``/ready`` until it fails (503); return the seconds that took."""
+    started = time.perf_counter()
+    await _poll_fresh(client, f"{base_url}/ready", lambda r: r.status_code == 503, timeout)
+    return time.perf_counter() - started
 
 
 async def wait_running(client: httpx.AsyncClient, base_url: str, n: int, timeout: float) -> None:
@@ -108,17 +111,11 @@ async def wait_running(client: httpx.AsyncClient, base_url: str, n: int, timeout
     runs the client saw its streams' first chunks only about when the server had sent them
     whole (whatever their length: 5, 8 or 12 s), and the signal came after the streams.
     """
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                r = await client.get(
-                    f"{base_url}/metrics", headers={"Connection": "close"}, timeout=2
-                )
-                if metric_value(r.text, "avatar_requests_running") >= n:
-                    return
-            except httpx.TimeoutException:
-                pass
-            await asyncio.sleep(0.02)
+
+    def running(r: httpx.Response) -> bool:
+        return metric_value(r.text, "avatar_requests_running") >= n
+
+    await _poll_fresh(client, f"{base_url}/metrics", running, timeout)
 
 
 @dataclass

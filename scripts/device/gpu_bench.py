@@ -619,15 +619,16 @@ def _scrape(base_url: str) -> str:
         return ""
 
 
-def metric_sum(text: str, name: str) -> float | None:
-    """Sum of the samples of ``name`` in a Prometheus text scrape; None when it has none."""
+def metric_sum(text: str, name: str, **labels: str) -> float | None:
+    """Sum of the samples of ``name`` (with ``labels``, if given) in a Prometheus text scrape;
+    None when it has none."""
     from prometheus_client.parser import text_string_to_metric_families  # in the image
 
     values = [
         float(sample.value)
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == name
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
     ]
     return sum(values) if values else None
 
@@ -649,37 +650,22 @@ def frontend_cpu_us_per_token(before: str, after: str) -> float | None:
 LOOP_LAG = "avatar_event_loop_lag_seconds"
 
 
-def _lag_totals(text: str) -> tuple[dict[float, float], float, float]:
-    """Our loop-lag histogram in one scrape, summed over front ends: buckets, count, sum."""
-    from prometheus_client.parser import text_string_to_metric_families  # in the image
-
-    buckets: dict[float, float] = {}
-    count = total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == LOOP_LAG + "_bucket":
-                le = float(sample.labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + float(sample.value)
-            elif sample.name == LOOP_LAG + "_count":
-                count += float(sample.value)
-            elif sample.name == LOOP_LAG + "_sum":
-                total += float(sample.value)
-    return buckets, count, total
-
-
 def loop_lag(before: str, after: str) -> dict[str, float] | None:
     """How late our front end's event loop ran between two scrapes: its ticks, their mean
     lateness, and the share more than 25, 50 and 100 ms late. None for a server without the
     metric (vLLM's) or without ticks in between. On the card the front end, not the engine, was
     the ceiling at 512 voice sessions: this is where it shows."""
-    b0, c0, s0 = _lag_totals(before)
-    b1, c1, s1 = _lag_totals(after)
-    ticks = c1 - c0
-    if not b1 or ticks <= 0:
+
+    def between(name: str, **labels: str) -> float | None:
+        first, last = (metric_sum(t, LOOP_LAG + name, **labels) for t in (before, after))
+        return None if first is None or last is None else last - first
+
+    ticks, total = between("_count"), between("_sum")
+    if ticks is None or total is None or ticks <= 0:
         return None
-    lag: dict[str, float] = {"ticks": ticks, "mean_ms": (s1 - s0) / ticks * 1000}
+    lag = {"ticks": ticks, "mean_ms": total / ticks * 1000}
     for ms in (25, 50, 100):
-        within = b1.get(ms / 1000, 0.0) - b0.get(ms / 1000, 0.0)
+        within = between("_bucket", le=str(ms / 1000)) or 0.0
         lag[f"over_{ms}ms"] = (ticks - within) / ticks
     return lag
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 
+from serve.app import create_app
+from serve.engine.fake import FakeEngine
 from tests.support import metric_value
-from tests.unit.conftest import MODEL, chat_body, open_client
+from tests.unit.conftest import MODEL, chat_body, make_settings, open_client
 
 
 async def _tasks(client: httpx.AsyncClient) -> float:
@@ -122,12 +125,6 @@ def test_observing_all_gaps_at_once_exports_what_one_by_one_would() -> None:
 async def test_a_blocked_event_loop_shows_in_the_loop_lag_histogram() -> None:
     """A refusal or a first token can wait for the loop before any handler runs: an operator
     sees that wait in avatar_event_loop_lag_seconds, not in the per-request timings."""
-    import time
-
-    from serve.app import create_app
-    from serve.engine.fake import FakeEngine
-    from tests.unit.conftest import make_settings
-
     app = create_app(make_settings(), FakeEngine())
 
     def over(text: str, bound: str) -> float:
