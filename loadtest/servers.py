@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import shlex
 import signal
 import socket
@@ -37,8 +38,34 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_ports = random.Random()  # its own generator: a run that seeds ``random`` must not pick alike
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default range starts here
+
+
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
+    """A TCP port that is free on 127.0.0.1 right now, below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` comes from the same range as the local port of
+    every outgoing connection, so a client's connection could take it before the server bound
+    it: a persona dry run's server died of ``address already in use`` that way. Ports below the
+    range are never given to connections.
+    """
+    low = _ephemeral_low()
+    for _ in range(64 if low > 11_024 else 0):
+        port = _ports.randrange(10_000, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -228,7 +255,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--env",
         action="append",
-        default=["VLLM_ENABLE_V1_MULTIPROCESSING=0"],
+        # Both servers get the same environment. One OpenMP thread: vLLM's CPU worker keeps torch
+        # from dropping to the one thread vLLM serves with, and a second thread spinning between
+        # steps halved the demo model's decode rate on 2 cores (BENCHMARKS.md, "One OpenMP thread").
+        default=["VLLM_ENABLE_V1_MULTIPROCESSING=0", "OMP_NUM_THREADS=1"],
         metavar="KEY=VALUE",
         help="environment for every server (repeatable; a later KEY wins)",
     )

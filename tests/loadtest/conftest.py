@@ -17,7 +17,7 @@ import pytest
 
 from loadtest import DEMO_MODEL_NAME
 from loadtest.servers import ServerProcess, engine_flags, free_port, vllm_command
-from tests.support import DEMO_MODEL_DIR, TEST_API_KEY
+from tests.support import DEMO_MODEL_DIR, ENGINE_ENV, TEST_API_KEY
 
 READY_TIMEOUT_S = 300.0  # engine start on 2 shared cores is 15-60 s; this is only a bound
 SERVED_NAME = DEMO_MODEL_NAME
@@ -67,7 +67,7 @@ def server_url(
         port,
         log_path=tmp_path_factory.mktemp("server-log") / "vllm.log",
         ready_paths=("/health",),
-        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        env=ENGINE_ENV,
     )
     with srv:
         srv.wait_ready(READY_TIMEOUT_S)

@@ -217,4 +217,7 @@ def test_defaults_fit_a_small_machine() -> None:
     assert args.concurrency == [8] and args.ignore_eos
     assert bench.level_size(args, "concurrency", 8) == 32, "a few dozen requests a level"
     args = personas.build_parser().parse_args(["--env", "VLLM_ENABLE_V1_MULTIPROCESSING=1"])
-    assert dict(kv.split("=", 1) for kv in args.env) == {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    assert dict(kv.split("=", 1) for kv in args.env) == {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",  # the user's value wins
+        "OMP_NUM_THREADS": "1",  # the default one OpenMP thread stays
+    }

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from loadtest import vllm_client
+from loadtest import servers, vllm_client
 from loadtest.compare import build_parser, cpu_lines, markdown, ratios
 from loadtest.compare_report import FRONT_END_LABEL, absolute, server_cpu
 from loadtest.cpu import (
@@ -378,3 +379,19 @@ async def test_vllm_client_refuses_duration() -> None:
             None,
             Path("/nonexistent"),  # type: ignore[arg-type]
         )
+
+
+def test_server_ports_are_never_a_connections_local_port() -> None:
+    """The harness's ports lie below the kernel's ephemeral range, the range every outgoing
+    connection's local port comes from, so a client cannot take a server's port before it binds
+    (a dry run's server died of ``address already in use``); and a port in use is never given."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = {servers.free_port() for _ in range(200)}
+        assert taken.getsockname()[1] not in ports
+    assert all(port < low for port in ports) and len(ports) > 150
+    for port in list(ports)[:20]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
