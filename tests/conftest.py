@@ -42,12 +42,8 @@ IN_TEST_SERVERS: dict[str, tuple[str, ...]] = {
     "e2e/test_lifecycle_e2e.py::test_dead_engine_fails_requests_and_exits_nonzero": (
         "--engine-dead-exit-delay", "12",
     ),
-    # Not the --api-server-count servers (tests/e2e/test_multiproc_e2e.py): they start at their
-    # test, at normal priority. Started ahead, at the lowest priority beside a test's load, one
-    # server's two front ends logged their engine configuration and then nothing for 240 s (in
-    # vLLM's client start-up, which waits for the engine core's ready message), in three runs
-    # on loaded machines; the cause is not found. On a timeout the front ends now print their
-    # stacks to the server log (SIGUSR1, tests/support.py).
+    # The --api-server-count servers start ahead too, by their tests' server_flags marks
+    # (tests/e2e/test_multiproc_e2e.py).
 }  # fmt: skip
 
 # The engine tests run after all the others, so that their first servers start while the quick

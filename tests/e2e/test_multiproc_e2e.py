@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from tests.support import (
     ENDLESS_TOKENS,
@@ -31,6 +32,8 @@ from tests.support import (
 )
 
 TWO = ("--api-server-count", "2")
+DRAIN = ("--drain-timeout", "180", "--demo-personas")
+DEATH = ("--engine-dead-exit-delay", "12")
 
 
 def chat(**extra: object) -> dict[str, object]:
@@ -69,12 +72,11 @@ async def stream_text(
     return "".join(parts)
 
 
+@pytest.mark.server_flags(*TWO, *DRAIN)
 async def test_two_front_ends_serve_metrics_add_up_and_ctrl_c_drains_both(
     tmp_path: Path,
 ) -> None:
-    with running_server(
-        tmp_path / "server.log", *TWO, "--drain-timeout", "180", "--demo-personas"
-    ) as server:
+    with running_server(tmp_path / "server.log", *TWO, *DRAIN) as server:
         front_ends = children(server, "APIServer")
         assert len(front_ends) == 2 and len(children(server, "EngineCore")) == 1
         url = f"{server.base_url}/v1/chat/completions"
@@ -152,8 +154,9 @@ async def test_two_front_ends_serve_metrics_add_up_and_ctrl_c_drains_both(
         assert sum(map(int, waited_for)) >= 1, "the signal came mid-stream"
 
 
+@pytest.mark.server_flags(*TWO, *DEATH)
 async def test_engine_core_death_fails_requests_and_exits_nonzero(tmp_path: Path) -> None:
-    with running_server(tmp_path / "server.log", *TWO, "--engine-dead-exit-delay", "12") as server:
+    with running_server(tmp_path / "server.log", *TWO, *DEATH) as server:
         front_ends = children(server, "APIServer")
         url = f"{server.base_url}/v1/chat/completions"
         async with httpx.AsyncClient(timeout=60) as client:
@@ -188,6 +191,7 @@ async def test_engine_core_death_fails_requests_and_exits_nonzero(tmp_path: Path
         )
 
 
+@pytest.mark.server_flags(*TWO)
 async def test_one_front_end_dying_ends_the_server_nonzero(tmp_path: Path) -> None:
     with running_server(tmp_path / "server.log", *TWO) as server:
         front_ends = children(server, "APIServer")
