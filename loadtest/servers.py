@@ -39,6 +39,7 @@ def _die_with_parent() -> None:
 
 
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10_000  # above the well-known and most registered services' ports
 _ports = random.Random()  # its own generator: a run that seeds ``random`` must not pick alike
 
 
@@ -58,8 +59,8 @@ def free_port() -> int:
     range are never given to connections.
     """
     low = _ephemeral_low()
-    for _ in range(64 if low > 11_024 else 0):
-        port = _ports.randrange(10_000, low)
+    for _ in range(64 if low - _LOWEST_PORT >= 1_024 else 0):  # else too few ports to pick from
+        port = _ports.randrange(_LOWEST_PORT, low)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -257,7 +258,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         action="append",
         # Both servers get the same environment. One OpenMP thread: vLLM's CPU worker keeps torch
         # from dropping to the one thread vLLM serves with, and a second thread spinning between
-        # steps halved the demo model's decode rate on 2 cores (BENCHMARKS.md, "One OpenMP thread").
+        # steps cut the demo model's decode rate by up to half on 2 cores (BENCHMARKS.md, "One
+        # OpenMP thread").
         default=["VLLM_ENABLE_V1_MULTIPROCESSING=0", "OMP_NUM_THREADS=1"],
         metavar="KEY=VALUE",
         help="environment for every server (repeatable; a later KEY wins)",

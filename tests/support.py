@@ -235,8 +235,9 @@ class _Started:
 # after they had ended).
 # One OpenMP thread: vLLM asks torch for one thread while serving, but its CPU worker has already
 # disabled ``torch.set_num_threads``, so the model ran on two OpenMP threads that spin between
-# steps. On 2 cores that took 1.6-1.9 cores per decoding server and starved the test's client (the
-# drain tests' late streams); with one thread the demo model decodes 1.3-2x faster on 1.2 cores.
+# steps. On 2 cores that took 1.5-1.9 cores per decoding server and starved the test's client (the
+# drain tests' late streams); with one thread the demo model decodes up to 1.9x faster, on 1.2
+# cores.
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
 
 
