@@ -78,14 +78,7 @@ class RequestRecord:
         """
         if self.first_token is None:
             return []
-        stamps: list[tuple[str, float | None]] = [
-            ("receive", self.body_read),
-            ("parse", self.parsed),
-            ("render", self.rendered),
-            ("tokenize", self.tokenized),
-            ("validate", self.queued),
-            ("admit", self.admitted),
-        ]
+        stamps = self._front_stamps()
         times = self.engine_times
         # The engine's stamps count only when they fall inside our own window (same clock).
         if (
@@ -99,6 +92,25 @@ class RequestRecord:
         else:
             stamps.append(("engine", self.first_delta))
         stamps.append(("write", self.first_token))
+        return self._split(stamps)
+
+    def stages_until(self, end: float) -> list[tuple[str, float]]:
+        """A request that ended without a first token (a refusal, an error): the stages it went
+        through, then the rest until ``end`` as ``answer``, so they add up to its duration. A
+        refusal at the door has no render stage; one decided in the queue has them all."""
+        return self._split([*self._front_stamps(), ("answer", end)])
+
+    def _front_stamps(self) -> list[tuple[str, float | None]]:
+        return [
+            ("receive", self.body_read),
+            ("parse", self.parsed),
+            ("render", self.rendered),
+            ("tokenize", self.tokenized),
+            ("validate", self.queued),
+            ("admit", self.admitted),
+        ]
+
+    def _split(self, stamps: list[tuple[str, float | None]]) -> list[tuple[str, float]]:
         stages: list[tuple[str, float]] = []
         start = self.arrival
         for name, stamp in stamps:

@@ -308,12 +308,13 @@ class RequestGuard:
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
         if not access_log.isEnabledFor(level):
             return
+        now = time.perf_counter()
         entry: dict[str, Any] = {
             "request_id": request_id,
             "method": scope["method"],
             "path": path,
             "status": record.status if record is not None else guard.status,
-            "duration_ms": round((time.perf_counter() - arrival) * 1000, 2),
+            "duration_ms": round((now - arrival) * 1000, 2),
         }
         client = scope.get("client")
         if client:
@@ -325,6 +326,10 @@ class RequestGuard:
                 entry["ttft_ms"] = round((record.first_token - arrival) * 1000, 2)
                 entry["ttft_stages_ms"] = {
                     stage: round(seconds * 1000, 3) for stage, seconds in record.ttft_stages()
+                }
+            elif record.status >= 400:  # where a refusal's or an error's time went
+                entry["stages_ms"] = {
+                    stage: round(seconds * 1000, 3) for stage, seconds in record.stages_until(now)
                 }
             entry["prompt_tokens"] = record.prompt_tokens
             entry["output_tokens"] = record.output_tokens

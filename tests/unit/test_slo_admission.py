@@ -8,6 +8,7 @@ queue when the engine schedules by priority."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -386,7 +387,7 @@ def test_the_flags_pass_through_the_cli() -> None:
 
 @pytest.mark.parametrize("why", ["overload", "slo_unattainable"])
 async def test_a_request_refused_at_the_door_costs_no_prompt_work(
-    monkeypatch: pytest.MonkeyPatch, why: str
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, why: str
 ) -> None:
     """At overload every refused turn's template and tokenizer would be event-loop time taken
     from the streams being served: a request admission refuses whatever its prompt is turned
@@ -404,6 +405,7 @@ async def test_a_request_refused_at_the_door_costs_no_prompt_work(
             lambda *a, _real=real, _name=name, **k: prepared.append(_name) or _real(*a, **k),
         )
     headers = {"x-slo-ttft-ms": "1000"} if why == "slo_unattainable" else {}
+    caplog.set_level("INFO", logger="serve.access")
     async with open_client(app) as c:
         running = asyncio.create_task(c.post(CHAT, json=chat_body()))
         await _until(lambda: app.state.admission.running == 1)
@@ -424,6 +426,14 @@ async def test_a_request_refused_at_the_door_costs_no_prompt_work(
     assert len(engine.seen) == 1
     text = _metrics(app)
     assert metric_value(text, "avatar_requests_rejected_total", reason=why) == 2
+    # The access log says where each refusal's time went: parsed, then answered, nothing between.
+    entries = [json.loads(r.getMessage()) for r in caplog.records if r.name == "serve.access"]
+    refusals = [e for e in entries if e["status"] == 429]
+    assert len(refusals) == 2 and all("ttft_stages_ms" not in e for e in refusals)
+    for entry in refusals:
+        assert list(entry["stages_ms"]) == ["receive", "parse", "answer"], entry
+        assert sum(entry["stages_ms"].values()) == pytest.approx(entry["duration_ms"], abs=0.05)
+    assert all("stages_ms" not in e for e in entries if e["status"] == 200)
 
 
 async def test_every_soak_hostile_request_gets_its_own_4xx_at_capacity_too() -> None:
