@@ -109,6 +109,9 @@ class WaitPredictor:
         self.step = Ewma()  # seconds per decode step (gap between tokens)
         self.prefill = Ewma()  # seconds per prompt token computed, the engine's queue included
         self.cached_share = Ewma()  # share of prompt tokens the prefix cache served
+        # Seconds from a request's parse to its ask for a seat: rendering and tokenizing, the
+        # renderer thread's queue, the event loop's. The door keeps this much of a budget back.
+        self.preparation = Ewma()
         # Prompt tokens to compute (less the expected cached share) of the requests admitted
         # whose first output has not come yet.
         self.backlog = 0.0
@@ -128,6 +131,9 @@ class WaitPredictor:
         return Prediction(seat, engine)
 
     # -- the life of a request -------------------------------------------------------------
+
+    def on_prepared(self, seconds: float) -> None:
+        self.preparation.add(seconds)
 
     def on_admit(self, demand: Demand, now: float) -> None:
         demand.admitted = now

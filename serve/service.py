@@ -297,6 +297,8 @@ class GenerationService:
         out with the headers, so this costs no time to first token.
         """
         record.queued = time.perf_counter()
+        if record.parsed is not None:
+            self._admission.prepared(record.queued - record.parsed)
         tokens = len(p.prompt_ids) if p.choices is None else sum(map(len, p.choices.prompts))
         demand = self._demand(record, tokens, p.priority, p.ttft_budget)
         await self._admission.acquire(demand)

@@ -460,3 +460,35 @@ async def test_every_soak_hostile_request_gets_its_own_4xx_at_capacity_too() -> 
         engine.first_token_gate.set()
         assert (await running).status_code == 200
     assert not wrong, wrong
+
+
+async def test_the_door_keeps_back_the_time_a_prompt_takes_to_prepare(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A budget that the wait ahead leaves room for, but not once the prompt is rendered and
+    tokenized as long as prompts take now, is refused at the door, before any of that work,
+    not after it: at overload such late refusals took 33 ms where the door's took 1."""
+    engine = FakeEngine()
+    engine.first_token_gate = asyncio.Event()
+    app = _app(engine, max_running_requests=1, max_waiting_requests=4)
+    predictor = app.state.admission.predictor
+    _teach(predictor, hold=0.5)  # one seat, held 0.5 s: a second request waits about that
+    rendered: list[object] = []
+    real = engine.render_chat
+    monkeypatch.setattr(engine, "render_chat", lambda *a, **k: rendered.append(a) or real(*a, **k))
+    budget = {"x-slo-ttft-ms": "1000"}
+    async with open_client(app) as c:
+        running = asyncio.create_task(c.post(CHAT, json=chat_body()))
+        await _until(lambda: app.state.admission.running == 1)
+        assert predictor.preparation.get() > 0, "learned from the request that went in"
+        predictor.preparation.value = 0.6  # 0.5 s of wait + 0.6 s of preparing > 1 s
+        refused = await c.post(CHAT, json=chat_body(), headers=budget)
+        _assert_refusal(refused, "slo_unattainable")
+        assert len(rendered) == 1, "only the running request's prompt was rendered"
+        predictor.preparation.value = 0.1  # now it fits: past the door, rendered, and queued
+        waiting = asyncio.create_task(c.post(CHAT, json=chat_body(), headers=budget))
+        await _until(lambda: app.state.admission.waiting == 1)
+        assert len(rendered) == 2
+        engine.first_token_gate.set()
+        assert (await running).status_code == 200
+        assert (await waiting).status_code == 200
