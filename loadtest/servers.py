@@ -38,6 +38,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+# The environment every server gets on this CPU (the tests' too), the same for ours and vLLM's.
+# The model runs in the engine core's process, as vLLM runs one GPU (its "uni" executor): the CPU
+# build otherwise adds a worker process that the engine core spins on, two busy cores per server.
+# One OpenMP thread: vLLM asks torch for one while serving, but its CPU worker has already
+# disabled ``torch.set_num_threads``, so the model ran on two, the second spinning between steps
+# (1.5-1.9 cores per decoding server, the demo model up to 1.9x slower; BENCHMARKS.md, "One
+# OpenMP thread").
+CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _LOWEST_PORT = 10_000  # above the well-known and most registered services' ports
 _ports = random.Random()  # its own generator: a run that seeds ``random`` must not pick alike
@@ -256,11 +265,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--env",
         action="append",
-        # Both servers get the same environment. One OpenMP thread: vLLM's CPU worker keeps torch
-        # from dropping to the one thread vLLM serves with, and a second thread spinning between
-        # steps cut the demo model's decode rate by up to half on 2 cores (BENCHMARKS.md, "One
-        # OpenMP thread").
-        default=["VLLM_ENABLE_V1_MULTIPROCESSING=0", "OMP_NUM_THREADS=1"],
+        default=[f"{k}={v}" for k, v in CPU_ENGINE_ENV.items()],
         metavar="KEY=VALUE",
         help="environment for every server (repeatable; a later KEY wins)",
     )

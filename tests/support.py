@@ -19,7 +19,7 @@ from typing import IO
 
 import httpx
 
-from loadtest.servers import free_port
+from loadtest.servers import CPU_ENGINE_ENV, free_port
 from serve.demo_model import DEMO_MODEL_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,17 +228,10 @@ class _Started:
     log_file: IO[bytes]
 
 
-# The model runs in the engine core's process, as vLLM runs one GPU (its "uni" executor). The CPU
-# build otherwise adds a worker process, and the engine core waits for each step by spinning on
-# shared memory: two busy cores per running server, on a 2-core machine, held the test's own
-# client off the CPU for seconds (request bodies took 1.7 s to arrive, streams were read only
-# after they had ended).
-# One OpenMP thread: vLLM asks torch for one thread while serving, but its CPU worker has already
-# disabled ``torch.set_num_threads``, so the model ran on two OpenMP threads that spin between
-# steps. On 2 cores that took 1.5-1.9 cores per decoding server and starved the test's client (the
-# drain tests' late streams); with one thread the demo model decodes up to 1.9x faster, on 1.2
-# cores.
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+# The load harness's CPU environment (loadtest/servers.py says why). Without it two busy cores per
+# running server, on a 2-core machine, held the test's own client off the CPU for seconds
+# (request bodies took 1.7 s to arrive, streams were read only after they had ended).
+ENGINE_ENV = CPU_ENGINE_ENV
 
 
 def _start(log_path: Path, key: ServerKey, *, ahead: bool = False) -> _Started:
